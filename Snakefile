@@ -1,0 +1,36 @@
+# hpcdl: fetch -> preprocess -> data-parallel train -> evaluate -> fine-tune, every stage tracked in MLflow.
+# This file only validates the configuration and includes one rule file per stage (workflow/rules/<stage>.smk);
+# each rule runs the module of the same name: rule `train` -> `python -m hpcdl.train` (src/hpcdl/train.py).
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/mlflow_parent.smk"
+include: "workflow/rules/fetch.smk"
+include: "workflow/rules/preprocess.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/finetune.smk"
+
+
+rule all:
+    input:
+        f"{RESULTS}/evaluate/metrics.json",
+        f"{RESULTS}/finetune/metrics.json",
+    default_target: True
+
+
+onsuccess:
+    close_parent_run("FINISHED")
+
+
+onerror:
+    close_parent_run("FAILED")

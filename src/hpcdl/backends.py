@@ -1,0 +1,187 @@
+"""Data-parallel backends behind one small interface, so the training loop (hpcdl.loop) never branches on them.
+
+Both start from MPI: ranks are launched by `mpirun` locally or `srun --mpi=pmix` on Slurm, so rank, size and
+local rank come from MPI itself (works under every launcher, no OMPI_*/SLURM_* guessing).
+- TorchBackend: torch.distributed (gloo on CPU, nccl on GPU) + DistributedDataParallel; rank 0's address and a
+  free port are broadcast over MPI for the rendezvous.
+- HorovodBackend: Horovod's own recipe (hvd.DistributedOptimizer, broadcast_parameters/optimizer_state).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+from datetime import timedelta
+
+import torch
+from torch import nn
+
+BACKEND_NAMES = ("torch", "horovod")
+
+
+def mpi_comm():
+    """COMM_WORLD, initialising MPI once (a singleton when started without a launcher)."""
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD
+
+
+def abort_all_ranks(rank: int, error: BaseException) -> None:
+    """Report which rank failed and abort the whole MPI job, so peers blocked in a collective do not hang."""
+    import traceback
+
+    detail = "".join(traceback.format_exception(error))
+    print(f"{detail}hpcdl: rank {rank} failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+    comm = mpi_comm()
+    if comm.Get_size() > 1:
+        comm.Abort(1)
+
+
+class Backend:
+    """What the loop needs from a data-parallel runtime."""
+
+    name = "base"
+    rank = 0
+    size = 1
+    local_rank = 0
+
+    def device(self) -> torch.device:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank)
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_accum_steps: int):
+        """Return (model, optimizer) that average gradients across ranks."""
+        raise NotImplementedError
+
+    def sync_initial_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Make every rank start from rank 0's weights and optimizer state."""
+
+    def no_sync(self, model: nn.Module):
+        """Context for accumulation micro-steps whose gradients must not be averaged yet."""
+        return contextlib.nullcontext()
+
+    def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def broadcast_object(self, obj, root: int = 0):
+        raise NotImplementedError
+
+    def barrier(self) -> None:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        pass
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, timeout_s: float = 300.0):
+        comm = mpi_comm()
+        self.comm = comm
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.local_rank = comm.Split_type(split_type=_shared_split_type()).Get_rank()
+        address = comm.bcast(_rendezvous_address() if self.rank == 0 else None, root=0)
+        use_cuda = torch.cuda.is_available()
+        torch.distributed.init_process_group(
+            "nccl" if use_cuda else "gloo",
+            init_method=f"tcp://{address[0]}:{address[1]}",
+            rank=self.rank,
+            world_size=self.size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+
+    def wrap(self, model, optimizer, grad_accum_steps):
+        device_ids = [self.local_rank] if next(model.parameters()).is_cuda else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids), optimizer
+
+    def no_sync(self, model):
+        return model.no_sync()
+
+    def allreduce_sum(self, tensor):
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        return tensor
+
+    def broadcast_object(self, obj, root=0):
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=root)
+        return box[0]
+
+    def barrier(self):
+        torch.distributed.barrier()
+
+    def shutdown(self):
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+class HorovodBackend(Backend):
+    name = "horovod"
+
+    def __init__(self, compression: str = "none"):
+        import horovod.torch as hvd
+
+        self.hvd = hvd
+        hvd.init()
+        self.rank, self.size, self.local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
+        self.compression = hvd.Compression.fp16 if compression == "fp16" else hvd.Compression.none
+
+    def wrap(self, model, optimizer, grad_accum_steps):
+        optimizer = self.hvd.DistributedOptimizer(
+            optimizer,
+            named_parameters=model.named_parameters(),
+            compression=self.compression,
+            backward_passes_per_step=grad_accum_steps,
+        )
+        return model, optimizer
+
+    def sync_initial_state(self, model, optimizer):
+        self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+
+    def allreduce_sum(self, tensor):
+        return self.hvd.allreduce(tensor, op=self.hvd.Sum)
+
+    def broadcast_object(self, obj, root=0):
+        return self.hvd.broadcast_object(obj, root_rank=root)
+
+    def barrier(self):
+        self.hvd.barrier()
+
+    def shutdown(self):
+        self.hvd.shutdown()
+
+
+def make_backend(name: str, *, compression: str = "none") -> Backend:
+    if name == "torch":
+        return TorchBackend()
+    if name == "horovod":
+        return HorovodBackend(compression=compression)
+    raise ValueError(f"train.backend: unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside a DistributedDataParallel wrapper (for eval, checkpoints and MLflow)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _shared_split_type():
+    from mpi4py import MPI
+
+    return MPI.COMM_TYPE_SHARED
+
+
+def _rendezvous_address() -> tuple[str, int]:
+    """Rank 0's host and a port free on it, for torch.distributed's TCP store."""
+    host = os.environ.get("HPCDL_MASTER_ADDR") or socket.gethostname()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return host, sock.getsockname()[1]

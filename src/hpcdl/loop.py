@@ -1,0 +1,247 @@
+"""The one data-parallel training loop of the pipeline (train and finetune stages), after Horovod's and
+PyTorch's examples, written against hpcdl.backends.Backend so it never branches on the backend.
+
+Sharding: each epoch a permutation seeded by (seed, epoch) is cut into `world` strided shards, so every
+sample is seen exactly once per epoch across ranks (torch's DistributedSampler pads or drops instead). Ranks
+whose shard is one sample shorter get a one-sample-shorter last batch; all ranks take the same number of steps.
+Batches are gathered from the memory-mapped uint8 arrays and normalised/augmented as whole tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hpcdl.augment import augment_batch
+from hpcdl.backends import Backend, unwrap
+from hpcdl.checkpoint import CheckpointStore
+from hpcdl.data.prepare import batch_to_tensor
+from hpcdl.progress import step_bar
+
+
+@dataclass
+class Split:
+    """One split's arrays: x uint8 (N, C, H, W) (usually memory-mapped) and y int64 (N,)."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self):
+        return len(self.y)
+
+
+@dataclass
+class Normaliser:
+    mean: list[float]
+    std: list[float]
+
+    def __call__(self, x_uint8) -> torch.Tensor:
+        return batch_to_tensor(x_uint8, self.mean, self.std)
+
+    @property
+    def black(self) -> torch.Tensor:
+        """A 0-valued pixel after normalisation: the fill for pixels uncovered by augmentation."""
+        return -torch.tensor(self.mean) / torch.tensor(self.std)
+
+
+@dataclass
+class PhaseSpec:
+    """One training phase: the whole of `train`, or one of finetune's frozen/unfrozen/baseline phases."""
+
+    name: str
+    epochs: int
+    batch_size: int
+    seed: int
+    augment: list[str] = field(default_factory=list)
+    precision: str = "fp32"
+    grad_accum_steps: int = 1
+
+
+def micro_steps_per_epoch(n: int, world: int, batch_size: int, grad_accum_steps: int) -> int:
+    """Batches per rank per epoch, rounded up to whole optimizer steps (missing micro-batches are empty)."""
+    batches = math.ceil(math.ceil(n / world) / batch_size)
+    return math.ceil(batches / grad_accum_steps) * grad_accum_steps
+
+
+def optimizer_steps_per_epoch(n: int, world: int, batch_size: int, grad_accum_steps: int) -> int:
+    return micro_steps_per_epoch(n, world, batch_size, grad_accum_steps) // grad_accum_steps
+
+
+def epoch_shard(n: int, epoch: int, seed: int, rank: int, world: int) -> np.ndarray:
+    """This rank's indices for this epoch: the same permutation on every rank, strided by rank."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator)[rank::world].numpy()
+
+
+def _gather(split: Split, indices: np.ndarray):
+    # Sorted reads are sequential on the memory map; order within a batch does not matter to the loss.
+    order = np.sort(indices)
+    return np.take(split.x, order, axis=0), torch.from_numpy(np.take(split.y, order, axis=0))
+
+
+def autocast_context(precision: str, device: torch.device):
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("train.precision: fp16 needs a GPU (use bf16 on CPU)")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def predict(model, split: Split, normalise: Normaliser, device, *, batch_size: int = 1024, precision="fp32", indices=None):
+    """Logits for `indices` (default: all) of a split, in order."""
+    model.eval()
+    indices = np.arange(len(split)) if indices is None else indices
+    outputs = []
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start : start + batch_size]
+        x = normalise(np.take(split.x, chunk, axis=0)).to(device)
+        with autocast_context(precision, device):
+            outputs.append(model(x).float().cpu())
+    if not outputs:
+        return torch.empty(0)
+    return torch.cat(outputs)
+
+
+def _sharded_eval(model, split: Split, normalise, backend: Backend, device, precision) -> dict:
+    indices = np.arange(len(split))[backend.rank :: backend.size]
+    logits = predict(model, split, normalise, device, precision=precision, indices=indices)
+    labels = torch.from_numpy(split.y[indices])
+    sums = torch.zeros(3, dtype=torch.float64)
+    if len(indices):
+        sums[0] = F.cross_entropy(logits, labels, reduction="sum").item()
+        sums[1] = (logits.argmax(1) == labels).sum().item()
+        sums[2] = len(indices)
+    sums = backend.allreduce_sum(sums)
+    return {"loss": sums[0].item() / sums[2].item(), "accuracy": sums[1].item() / sums[2].item()}
+
+
+def _seed_everything(seed: int, epoch: int, rank: int) -> torch.Generator:
+    """Per (seed, epoch, rank) RNG: a resumed epoch draws exactly what the uninterrupted one drew."""
+    mixed = (seed * 1_000_003 + epoch) * 65_537 + rank
+    torch.manual_seed(mixed)
+    random.seed(mixed)
+    np.random.seed(mixed % 2**32)
+    return torch.Generator().manual_seed(mixed)
+
+
+def rng_states() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+class EpochReporter:
+    """Receives each finished epoch's metrics on rank 0 (printing, MLflow). Subclass and override."""
+
+    def on_epoch(self, phase: PhaseSpec, epoch: int, metrics: dict) -> None:
+        pass
+
+
+def fit(
+    *,
+    model,
+    backend: Backend,
+    device: torch.device,
+    make_optimizer,
+    make_scheduler,
+    train: Split,
+    val: Split,
+    normalise: Normaliser,
+    spec: PhaseSpec,
+    store: CheckpointStore | None,
+    resume: dict | None,
+    reporter: EpochReporter,
+    extra_state: dict | None = None,
+    should_stop=lambda: False,
+) -> list[dict]:
+    """Train `model` for spec.epochs, checkpointing after every epoch on rank 0; returns the per-epoch history.
+
+    make_optimizer(params) builds the optimizer with the world-scaled LR; make_scheduler(optimizer,
+    steps_per_epoch) its per-step LR schedule. `resume` is a checkpoint already broadcast to every rank (or None).
+    should_stop() is polled after each epoch (e.g. a walltime signal); when it turns true, training stops after
+    the checkpoint of that epoch is written, and the history so far is returned.
+    """
+    world, rank, accum = backend.size, backend.rank, spec.grad_accum_steps
+    steps = optimizer_steps_per_epoch(len(train), world, spec.batch_size, accum)
+    micro = steps * accum
+    model = model.to(device)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
+    model, optimizer = backend.wrap(model, optimizer, accum)
+    scheduler = make_scheduler(optimizer, steps)
+    history, start_epoch = [], 0
+    if resume is not None:
+        unwrap(model).load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        history, start_epoch = list(resume["history"]), resume["epoch"]
+    backend.sync_initial_state(unwrap(model), optimizer)
+    scaler = torch.amp.GradScaler("cuda") if spec.precision == "fp16" else None
+    fill = normalise.black
+
+    for epoch in range(start_epoch, spec.epochs):
+        started = time.perf_counter()
+        generator = _seed_everything(spec.seed, epoch, rank)
+        shard = epoch_shard(len(train), epoch, spec.seed, rank, world)
+        model.train()
+        sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, samples (this rank)
+        for step in step_bar(range(micro), desc=f"{spec.name} epoch {epoch + 1}", enabled=backend.is_root):
+            indices = shard[step * spec.batch_size : (step + 1) * spec.batch_size]
+            xb, yb = _gather(train, indices)
+            x = augment_batch(normalise(xb), spec.augment, generator, fill).to(device)
+            y = yb.to(device)
+            last_micro = (step + 1) % accum == 0
+            with (nullcontext() if last_micro else backend.no_sync(model)):
+                with autocast_context(spec.precision, device):
+                    logits = model(x)
+                    loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")
+                # Mean over the batch (an empty batch contributes zero gradient), averaged over micro-steps.
+                loss = loss_sum / max(len(indices), 1) / accum
+                (scaler.scale(loss) if scaler else loss).backward()
+            if last_micro:
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+            if len(indices):
+                sums += torch.tensor([loss_sum.item(), (logits.argmax(1) == y).sum().item(), len(indices)], dtype=torch.float64)
+        train_seconds = time.perf_counter() - started
+        sums = backend.allreduce_sum(sums)
+        val_metrics = _sharded_eval(unwrap(model), val, normalise, backend, device, spec.precision)
+        metrics = {
+            "loss": sums[0].item() / sums[2].item(),
+            "accuracy": sums[1].item() / sums[2].item(),
+            "val_loss": val_metrics["loss"],
+            "val_accuracy": val_metrics["accuracy"],
+            "lr": optimizer.param_groups[0]["lr"],
+            "samples_per_second": sums[2].item() / train_seconds,
+            "epoch_seconds": time.perf_counter() - started,
+        }
+        history.append(metrics)
+        if backend.is_root:
+            if store is not None:
+                store.save(
+                    {
+                        "epoch": epoch + 1,
+                        "model": unwrap(model).state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "history": history,
+                        "rng": rng_states(),
+                        "world_size": world,
+                        **(extra_state or {}),
+                    }
+                )
+            reporter.on_epoch(spec, epoch, metrics)
+        if epoch + 1 < spec.epochs and backend.broadcast_object(bool(should_stop()), root=0):
+            break
+    return history

@@ -1,0 +1,66 @@
+"""Rule mlflow_parent: open the parent MLflow run of a workflow invocation (`open`), and mark it finished or
+failed from the Snakefile's onsuccess/onerror handlers (`close`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from hpcdl import tracking
+from hpcdl.checkpoint import atomic_write_text
+
+RUN_ID_LINE = re.compile(r"^hpcdl-parent-run (?P<run_id>[0-9a-f]{32}) (?P<uri>\S+)$", re.MULTILINE)
+
+
+def open_parent(params: dict, out: Path) -> str:
+    """Create the parent run with the whole workflow config as params; it stays RUNNING until closed."""
+    mlflow_cfg = params["mlflow"]
+    experiment_id = tracking.configure(mlflow_cfg)
+    client = MlflowClient()
+    run = client.create_run(experiment_id, run_name="workflow", tags=tracking.runtime_tags("mlflow_parent"))
+    for key, value in tracking.flatten(params["config"]).items():
+        client.log_param(run.info.run_id, key, value)
+    client.log_text(run.info.run_id, json.dumps(params["config"], indent=2, sort_keys=True), "config.json")
+    atomic_write_text(out, run.info.run_id + "\n")
+    # The log line is what `close` reads back after Snakemake has removed the temp() id file.
+    print(f"hpcdl-parent-run {run.info.run_id} {mlflow_cfg['tracking_uri']}")
+    print(f"MLflow runs table: {tracking.runs_url(mlflow_cfg, experiment_id)}")
+    return run.info.run_id
+
+
+def close_parent(log: Path, status: str) -> None:
+    match = RUN_ID_LINE.search(Path(log).read_text())
+    if not match:
+        return
+    import mlflow
+
+    mlflow.set_tracking_uri(match["uri"])
+    client = MlflowClient()
+    if client.get_run(match["run_id"]).info.status == "RUNNING":
+        client.set_terminated(match["run_id"], status=status)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    opener = commands.add_parser("open")
+    opener.add_argument("--params", required=True, type=json.loads)
+    opener.add_argument("--out", required=True, type=Path)
+    closer = commands.add_parser("close")
+    closer.add_argument("--log", required=True, type=Path)
+    closer.add_argument("--status", required=True, choices=["FINISHED", "FAILED", "KILLED"])
+    args = parser.parse_args(argv)
+    if args.command == "open":
+        open_parent(args.params, args.out)
+    else:
+        close_parent(args.log, args.status)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""What the MPI stages (train, finetune) share: start-up of the backend, their data, the epoch reporter that
+prints and logs to MLflow, and the model file they hand to the next stage."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+
+from hpcdl import tracking
+from hpcdl.backends import Backend, abort_all_ranks, make_backend
+from hpcdl.checkpoint import atomic_torch_save
+from hpcdl.data.prepare import load_split, read_manifest
+from hpcdl.loop import EpochReporter, Normaliser, PhaseSpec, Split
+from hpcdl.models import build_model
+from hpcdl.progress import epoch_line
+
+
+def start_backend(name: str, threads: int, compression: str = "none") -> tuple[Backend, torch.device]:
+    """Each rank gets `threads` CPU threads (ranks x threads should not exceed the cores it was given)."""
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    backend = make_backend(name, compression=compression)
+    return backend, backend.device()
+
+
+def run_on_all_ranks(main, argv=None) -> int:
+    """Run a stage's main; if any rank raises, name it and abort the MPI job instead of leaving peers hanging."""
+    try:
+        return main(argv)
+    except BaseException as error:
+        if isinstance(error, SystemExit) and not error.code:
+            raise
+        from hpcdl.backends import mpi_comm
+
+        abort_all_ranks(mpi_comm().Get_rank(), error)
+        raise
+
+
+def load_data(data_dir: Path) -> tuple[dict, dict[str, Split], Normaliser]:
+    manifest = read_manifest(data_dir)
+    splits = {name: Split(*load_split(data_dir, name)) for name in ("train", "val", "test")}
+    return manifest, splits, Normaliser(manifest["mean"], manifest["std"])
+
+
+def run_context(backend: Backend, mlflow_cfg: dict, **kwargs):
+    """The stage's MLflow run on rank 0; nothing on the other ranks (only rank 0 talks to MLflow)."""
+    if backend.is_root:
+        return tracking.stage_run(mlflow_cfg, **kwargs)
+    return contextlib.nullcontext()
+
+
+class MlflowEpochReporter(EpochReporter):
+    """Prints the epoch line and logs each metric with step = epoch (offset across consecutive phases)."""
+
+    def __init__(self, prefix: str = "", step_offset: int = 0):
+        self.prefix = prefix
+        self.step_offset = step_offset
+
+    def on_epoch(self, phase: PhaseSpec, epoch: int, metrics: dict) -> None:
+        # ETA from the mean time of the epochs run so far in this phase (restarts count from the resume point).
+        self._seconds = getattr(self, "_seconds", []) + [metrics["epoch_seconds"]]
+        left = (phase.epochs - epoch - 1) * float(np.mean(self._seconds))
+        print(epoch_line(phase.name, epoch, phase.epochs, metrics, left), flush=True)
+        mlflow.log_metrics({f"{self.prefix}{k}": v for k, v in metrics.items()}, step=self.step_offset + epoch)
+
+
+def model_record(model, *, arch: str, manifest: dict, **extra) -> dict:
+    """The model file passed between stages: weights plus what is needed to rebuild and feed the model."""
+    return {
+        "arch": arch,
+        "state_dict": model.state_dict(),
+        "num_classes": manifest["num_classes"],
+        "classes": manifest["classes"],
+        "in_channels": manifest["channels"],
+        "image_size": manifest["image_size"],
+        "mean": manifest["mean"],
+        "std": manifest["std"],
+        **extra,
+    }
+
+
+def save_model_file(path: Path, record: dict) -> None:
+    atomic_torch_save(record, path)
+
+
+def load_model_file(path: Path):
+    """Rebuild the model a stage saved (hpcdl arch or a torchvision backbone) and return (model, record)."""
+    record = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(record, dict) or "arch" not in record:
+        raise ValueError(f"{path}: not an hpcdl model file (no 'arch' key)")
+    if record["arch"].startswith("torchvision:"):
+        from hpcdl.models import TorchvisionBackbone
+
+        model = TorchvisionBackbone(record["arch"].split(":", 1)[1], None, record["num_classes"])
+    else:
+        model = build_model(record["arch"], in_channels=record["in_channels"], image_size=record["image_size"], num_classes=record["num_classes"])
+    model.load_state_dict(record["state_dict"])
+    return model, record
+
+
+def log_model(model, *, registered_name: str, example: np.ndarray):
+    """Log and register the model as MLflow's docs show. Pickle serialisation, not MLflow 3's default pt2: pt2
+    traces the graph at the example's batch size, while users load this model to run and fine-tune it further.
+    Pip requirements are given, not inferred (inference imports the model in a subprocess: many seconds)."""
+    import torchvision
+    from mlflow.models import infer_signature
+
+    model = model.cpu().eval()
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    return mlflow.pytorch.log_model(
+        model,
+        name="model",
+        registered_model_name=registered_name,
+        signature=infer_signature(example, output),
+        serialization_format="pickle",
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}"],
+    )
+
+
+def stage_tags(stage: str, backend: Backend, **extra) -> dict:
+    return tracking.runtime_tags(stage, world_size=backend.size, backend=backend.name, **extra)
+
+
+def fail(message: str) -> None:
+    print(f"hpcdl: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)

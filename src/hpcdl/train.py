@@ -1,0 +1,118 @@
+"""Rule train: data-parallel training on the pretraining dataset, launched as N MPI ranks.
+
+Rank 0 checkpoints every epoch (atomically) under <out>/checkpoints/; if a checkpoint made with the same
+settings exists, training resumes from it and keeps logging to the same MLflow run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import mlflow
+import torch
+
+from hpcdl import tracking
+from hpcdl.checkpoint import CheckpointStore, atomic_write_json, config_digest
+from hpcdl.cli import stage_parser
+from hpcdl.loop import PhaseSpec, fit, predict
+from hpcdl.metrics import classification_report
+from hpcdl.models import build_model, count_parameters
+from hpcdl.optim import build_optimizer, build_schedule
+from hpcdl.stage_runtime import (
+    MlflowEpochReporter,
+    load_data,
+    log_model,
+    model_record,
+    run_context,
+    run_on_all_ranks,
+    save_model_file,
+    stage_tags,
+    start_backend,
+)
+
+
+def main(argv=None) -> int:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--data-dir", required=True, type=Path)
+    parser.add_argument("--out-dir", required=True, type=Path)
+    args = parser.parse_args(argv)
+    cfg = args.params["train"]
+    backend, device = start_backend(cfg["backend"], cfg["threads_per_rank"], cfg.get("compression", "none"))
+    manifest, splits, normalise = load_data(args.data_dir)
+    checkpoint_dir = args.out_dir / "checkpoints"
+    digest = config_digest({"train": cfg, "data": manifest["files"]})
+    store = CheckpointStore(checkpoint_dir / "train.pt", digest)
+    resume = backend.broadcast_object(store.load() if backend.is_root else None)
+
+    torch.manual_seed(cfg["seed"])  # same initial weights on every rank (and rank 0's are broadcast anyway)
+    model = build_model(cfg["model"], in_channels=manifest["channels"], image_size=manifest["image_size"], num_classes=manifest["num_classes"])
+    spec = PhaseSpec("train", cfg["epochs"], cfg["batch_size"], cfg["seed"], cfg["augment"], cfg["precision"], cfg["grad_accum_steps"])
+    world = backend.size
+
+    def make_optimizer(params):
+        return build_optimizer(cfg["optimizer"], params, lr=cfg["lr"] * world, momentum=cfg["momentum"], nesterov=cfg["nesterov"], weight_decay=cfg["weight_decay"])
+
+    def make_scheduler(optimizer, steps_per_epoch):
+        return build_schedule(optimizer, world_size=world, warmup_steps=cfg["warmup_epochs"] * steps_per_epoch, total_steps=cfg["epochs"] * steps_per_epoch, schedule=cfg["schedule"])
+
+    run_id = tracking.resumable_run_id(checkpoint_dir, digest) if backend.is_root else None
+    with run_context(backend, args.params["mlflow"], stage="train", parent_run_file=args.parent_run, run_id=run_id, tags=stage_tags("train", backend)) as run:
+        if backend.is_root:
+            tracking.remember_run_id(checkpoint_dir, digest, run.info.run_id)
+            tracking.print_where(args.params["mlflow"], run)
+            if run_id is None:
+                mlflow.log_params(tracking.flatten({"train": cfg}))
+                mlflow.log_params({"model.parameters": count_parameters(model), "data.num_classes": manifest["num_classes"]})
+                log_split_inputs(manifest, splits, args.data_dir)
+            else:
+                print(f"hpcdl: resuming MLflow run {run_id} from epoch {resume['epoch'] if resume else 0}", flush=True)
+        history = fit(
+            model=model,
+            backend=backend,
+            device=device,
+            make_optimizer=make_optimizer,
+            make_scheduler=make_scheduler,
+            train=splits["train"],
+            val=splits["val"],
+            normalise=normalise,
+            spec=spec,
+            store=store,
+            resume=resume,
+            reporter=MlflowEpochReporter(),
+        )
+        if backend.is_root:
+            finish(model, cfg, manifest, splits, normalise, history, args.out_dir, run)
+    backend.barrier()
+    backend.shutdown()
+    return 0
+
+
+def log_split_inputs(manifest: dict, splits: dict, data_dir: Path) -> None:
+    for name, context in (("train", "training"), ("val", "validation")):
+        sha = {k: v for k, v in manifest["files"].items() if k.startswith(f"{name}_")}
+        tracking.log_dataset(splits[name].x, splits[name].y, name=f"{manifest['provenance']['source']}-{name}", context=context, sha256=sha, source=data_dir.resolve().as_uri())
+
+
+def finish(model, cfg, manifest, splits, normalise, history, out_dir: Path, run) -> None:
+    """Rank 0: log and register the model, then write the rule's outputs (last, so they mean 'complete')."""
+    val_logits = predict(model, splits["val"], normalise, torch.device("cpu"))
+    val_report = classification_report(val_logits, splits["val"].y, manifest["classes"])
+    mlflow.log_metrics({"final_val_accuracy": val_report["accuracy"], "final_val_loss": val_report["loss"]})
+    example = normalise(splits["val"].x[:4]).numpy()
+    info = log_model(model, registered_name=cfg["registered_model"], example=example)
+    summary = {
+        "epochs": len(history),
+        "history": history,
+        "final": history[-1],
+        "val": {"accuracy": val_report["accuracy"], "loss": val_report["loss"]},
+        "mlflow": {"run_id": run.info.run_id, "model_uri": info.model_uri, "registered_model": cfg["registered_model"]},
+    }
+    mlflow.log_dict(summary, "train/metrics.json")
+    record = model_record(model, arch=cfg["model"], manifest=manifest, mlflow_run_id=run.info.run_id, model_uri=info.model_uri)
+    save_model_file(out_dir / "model.pt", record)
+    atomic_write_json(out_dir / "metrics.json", summary)
+    print(f"hpcdl: trained {cfg['model']}: val accuracy {100 * val_report['accuracy']:.2f}%; model {info.model_uri}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(run_on_all_ranks(main))

@@ -1,0 +1,31 @@
+rule evaluate:
+    """Test-split accuracy, loss, per-class precision/recall/F1, confusion matrix and misclassified grid."""
+    input:
+        parent=ancient(PARENT_RUN),
+        model=f"{RESULTS}/train/model.pt",
+        manifest=f"{RESULTS}/data/pretrain/manifest.json",
+        **split_files("pretrain"),
+    output:
+        metrics=f"{RESULTS}/evaluate/metrics.json",
+        confusion=report(
+            f"{RESULTS}/evaluate/confusion_matrix.png",
+            caption="../report/confusion_matrix.rst",
+            category="Evaluation",
+        ),
+        misclassified=report(
+            f"{RESULTS}/evaluate/misclassified.png",
+            caption="../report/misclassified.rst",
+            category="Evaluation",
+        ),
+    log:
+        f"{RESULTS}/logs/evaluate.log",
+    params:
+        stage=lambda wildcards: stage_params(),
+        data_dir=lambda wildcards, input: os.path.dirname(input.manifest),
+        out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "{PYTHON} -m hpcdl.evaluate --params {params.stage:q} --model {input.model}"
+        " --data-dir {params.data_dir} --out-dir {params.out_dir} --parent-run {input.parent} 2>&1 | tee {log}"

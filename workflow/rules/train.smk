@@ -1,0 +1,27 @@
+rule train:
+    """Data-parallel training: `ranks` MPI ranks (mpirun here; srun --mpi=pmix in the Slurm profiles).
+    Rank 0 checkpoints every epoch under train/checkpoints/, so a re-run resumes where a killed one stopped."""
+    input:
+        parent=ancient(PARENT_RUN),
+        manifest=f"{RESULTS}/data/pretrain/manifest.json",
+        **split_files("pretrain"),
+    output:
+        model=f"{RESULTS}/train/model.pt",
+        metrics=f"{RESULTS}/train/metrics.json",
+    log:
+        f"{RESULTS}/logs/train.log",
+    params:
+        stage=lambda wildcards: stage_params(train=config["train"]),
+        data_dir=lambda wildcards, input: os.path.dirname(input.manifest),
+        out_dir=lambda wildcards, output: os.path.dirname(output.model),
+    threads: config["train"]["ranks"] * config["train"]["threads_per_rank"]
+    resources:
+        # The launcher of the ranks: profiles set it to "srun --mpi=pmix" on Slurm.
+        mpi="mpirun --bind-to none",
+        tasks=config["train"]["ranks"],
+        cpus_per_task=config["train"]["threads_per_rank"],
+        mem_mb_per_cpu=2000,
+        runtime=120,
+    shell:
+        "{resources.mpi} -n {resources.tasks} {PYTHON} -m hpcdl.train --params {params.stage:q}"
+        " --data-dir {params.data_dir} --out-dir {params.out_dir} --parent-run {input.parent} 2>&1 | tee {log}"
