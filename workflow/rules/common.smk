@@ -1,4 +1,4 @@
-# Shared names and helpers of the rule files: paths, the stage launcher and the per-stage parameter JSON.
+# Names and helpers shared by workflow/rules/*.smk: paths, the stage interpreter, the per-stage parameter JSON.
 import json
 import os
 import sys
@@ -7,12 +7,16 @@ RESULTS = config["results"].rstrip("/")
 # The interpreter that runs the stages: the one running Snakemake (the project's venv) unless overridden,
 # e.g. HPCDL_PYTHON="apptainer exec image.sif python3" once the stages run in containers.
 PYTHON = os.environ.get("HPCDL_PYTHON", sys.executable)
-# The parent MLflow run of this invocation: written by rule mlflow_parent, read by every stage. It is temp() so
+# The parent MLflow run of this invocation: written by the mlflow_parent job, read by every stage. It is temp() so
 # that each invocation that has work to do opens a fresh parent run; stages take it as ancient() input so a new
 # parent never makes finished stages look outdated.
 PARENT_RUN = f"{RESULTS}/.mlflow_parent_run"
 PARENT_LOG = f"{RESULTS}/logs/mlflow_parent.log"
 ROLES = ("pretrain", "finetune")
+# The Apptainer image of the non-MPI stages, used when Snakemake runs with `--sdm apptainer`. The MPI stages
+# (train, finetune) carry no container directive on purpose: Snakemake would wrap their whole shell, mpirun/srun
+# included, in the container; they launch host MPI around the image themselves.
+CONTAINER = config["container"]
 
 
 wildcard_constraints:
@@ -45,3 +49,11 @@ def close_parent_run(status):
     """onsuccess/onerror: mark this invocation's parent run finished or failed (no-op if none was opened)."""
     if os.path.exists(PARENT_LOG):
         shell(f"{PYTHON} -m hpcdl.mlflow_parent close --log {PARENT_LOG} --status {status} || true")
+
+
+def finetune_init_file(wildcards):
+    """The model fine-tuning starts from: this workflow's pretrained model or fetched torchvision weights."""
+    init = config["finetune"]["init"]
+    if init == "pretrain":
+        return f"{RESULTS}/train/model.pt"
+    return f"{RESULTS}/raw/weights/{init.split(':', 1)[1]}.pth"

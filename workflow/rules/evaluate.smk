@@ -17,9 +17,12 @@ rule evaluate:
             caption="../report/misclassified.rst",
             category="Evaluation",
         ),
+    container:
+        CONTAINER
     log:
         f"{RESULTS}/logs/evaluate.log",
     params:
+        python=PYTHON,
         stage=lambda wildcards: stage_params(),
         data_dir=lambda wildcards, input: os.path.dirname(input.manifest),
         out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
@@ -27,5 +30,5 @@ rule evaluate:
         mem_mb=4000,
         runtime=30,
     shell:
-        "{PYTHON} -m hpcdl.evaluate --params {params.stage:q} --model {input.model}"
+        "{params.python} -m hpcdl.evaluate --params {params.stage:q} --model {input.model}"
         " --data-dir {params.data_dir} --out-dir {params.out_dir} --parent-run {input.parent} 2>&1 | tee {log}"

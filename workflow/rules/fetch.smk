@@ -9,9 +9,12 @@ rule fetch:
         parent=ancient(PARENT_RUN),
     output:
         f"{RESULTS}/raw/{{role}}/fetch.json",
+    container:
+        CONTAINER
     log:
         f"{RESULTS}/logs/fetch_{{role}}.log",
     params:
+        python=PYTHON,
         stage=lambda wildcards: stage_params(
             role=wildcards.role,
             dataset=config["data"][wildcards.role],
@@ -19,7 +22,7 @@ rule fetch:
         ),
         out_dir=lambda wildcards, output: os.path.dirname(output[0]),
     shell:
-        "{PYTHON} -m hpcdl.fetch --params {params.stage:q} --out-dir {params.out_dir}"
+        "{params.python} -m hpcdl.fetch --params {params.stage:q} --out-dir {params.out_dir}"
         " --parent-run {input.parent} 2>&1 | tee {log}"
 
 
@@ -29,10 +32,13 @@ rule fetch_weights:
         parent=ancient(PARENT_RUN),
     output:
         f"{RESULTS}/raw/weights/{{arch}}.pth",
+    container:
+        CONTAINER
     log:
         f"{RESULTS}/logs/fetch_weights_{{arch}}.log",
     params:
+        python=PYTHON,
         stage=lambda wildcards: stage_params(weights=config["finetune"]["weights"], arch=wildcards.arch),
     shell:
-        "{PYTHON} -m hpcdl.fetch --params {params.stage:q} --weights-out {output}"
+        "{params.python} -m hpcdl.fetch --params {params.stage:q} --weights-out {output}"
         " --parent-run {input.parent} 2>&1 | tee {log}"

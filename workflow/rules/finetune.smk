@@ -1,11 +1,3 @@
-def finetune_init_file(wildcards):
-    """The model fine-tuning starts from: this workflow's pretrained model or fetched torchvision weights."""
-    init = config["finetune"]["init"]
-    if init == "pretrain":
-        return f"{RESULTS}/train/model.pt"
-    return f"{RESULTS}/raw/weights/{init.split(':', 1)[1]}.pth"
-
-
 rule finetune:
     """Transfer learning: new head, frozen backbone, then everything at a lower LR; optional scratch baseline."""
     input:
@@ -24,6 +16,7 @@ rule finetune:
     log:
         f"{RESULTS}/logs/finetune.log",
     params:
+        python=PYTHON,
         stage=lambda wildcards: stage_params(
             finetune=config["finetune"],
             train={k: config["train"][k] for k in ("model", "backend", "precision", "grad_accum_steps", "nesterov", "schedule", "warmup_epochs")},
@@ -37,7 +30,11 @@ rule finetune:
         cpus_per_task=config["finetune"]["threads_per_rank"],
         mem_mb_per_cpu=2000,
         runtime=120,
-    shell:
-        "{resources.mpi} -n {resources.tasks} {PYTHON} -m hpcdl.finetune --params {params.stage:q}"
-        " --init {input.init} --data-dir {params.data_dir} --out-dir {params.out_dir}"
-        " --parent-run {input.parent} 2>&1 | tee {log}"
+    # run: + shell() rather than shell: keeps the launcher on the host even under `--sdm apptainer` (the
+    # ranks enter the image themselves); a container directive would wrap mpirun/srun inside the image.
+    run:
+        shell(
+            "{resources.mpi} -n {resources.tasks} {params.python} -m hpcdl.finetune --params {params.stage:q}"
+            " --init {input.init} --data-dir {params.data_dir} --out-dir {params.out_dir}"
+            " --parent-run {input.parent} 2>&1 | tee {log}"
+        )

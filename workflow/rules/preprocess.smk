@@ -6,9 +6,12 @@ rule preprocess:
     output:
         **split_files("{role}"),
         manifest=f"{RESULTS}/data/{{role}}/manifest.json",
+    container:
+        CONTAINER
     log:
         f"{RESULTS}/logs/preprocess_{{role}}.log",
     params:
+        python=PYTHON,
         stage=lambda wildcards: stage_params(
             role=wildcards.role,
             data={k: v for k, v in config["data"].items() if k not in ROLES and k != "mirror"},
@@ -19,5 +22,5 @@ rule preprocess:
         mem_mb=4000,
         runtime=30,
     shell:
-        "{PYTHON} -m hpcdl.preprocess --params {params.stage:q} --raw-dir {params.raw_dir}"
+        "{params.python} -m hpcdl.preprocess --params {params.stage:q} --raw-dir {params.raw_dir}"
         " --out-dir {params.out_dir} --parent-run {input.parent} 2>&1 | tee {log}"

@@ -11,6 +11,7 @@ rule train:
     log:
         f"{RESULTS}/logs/train.log",
     params:
+        python=PYTHON,
         stage=lambda wildcards: stage_params(train=config["train"]),
         data_dir=lambda wildcards, input: os.path.dirname(input.manifest),
         out_dir=lambda wildcards, output: os.path.dirname(output.model),
@@ -22,6 +23,10 @@ rule train:
         cpus_per_task=config["train"]["threads_per_rank"],
         mem_mb_per_cpu=2000,
         runtime=120,
-    shell:
-        "{resources.mpi} -n {resources.tasks} {PYTHON} -m hpcdl.train --params {params.stage:q}"
-        " --data-dir {params.data_dir} --out-dir {params.out_dir} --parent-run {input.parent} 2>&1 | tee {log}"
+    # run: + shell() rather than shell: keeps the launcher on the host even under `--sdm apptainer` (the
+    # ranks enter the image themselves); a container directive would wrap mpirun/srun inside the image.
+    run:
+        shell(
+            "{resources.mpi} -n {resources.tasks} {params.python} -m hpcdl.train --params {params.stage:q}"
+            " --data-dir {params.data_dir} --out-dir {params.out_dir} --parent-run {input.parent} 2>&1 | tee {log}"
+        )

@@ -1,0 +1,80 @@
+"""Fixtures shared by the pipeline tests: real MPI launches, a small preprocessed dataset, stage parameters."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+def mpi_env(**extra) -> dict:
+    """The environment of an MPI launch from the tests (root needs Open MPI's explicit consent)."""
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def mpirun(ranks: int, module: str, args: list[str], *, timeout: float = 300, check: bool = True, **popen) -> subprocess.CompletedProcess:
+    """`mpirun -n ranks python -m module args`: the launch the MPI rules make."""
+    command = ["mpirun", "--bind-to", "none", "-n", str(ranks), sys.executable, "-m", module, *args]
+    result = subprocess.run(command, env=mpi_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO, **popen)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command[:8])} ... exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def tracking(tmp_path: Path, experiment: str = "tests") -> dict:
+    return {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": experiment}
+
+
+def train_config(**overrides) -> dict:
+    """The default train section with test-sized overrides (validated by the schema test separately)."""
+    cfg = copy.deepcopy(DEFAULT_CONFIG["train"])
+    cfg.update(overrides)
+    return cfg
+
+
+def train_args(tmp_path: Path, data_dir: Path, out_dir: Path, cfg: dict, parent_file: Path | None = None) -> list[str]:
+    args = ["--params", json.dumps({"mlflow": tracking(tmp_path), "train": cfg}), "--data-dir", str(data_dir), "--out-dir", str(out_dir)]
+    if parent_file:
+        args += ["--parent-run", str(parent_file)]
+    return args
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """scikit-learn's digits, fetched and preprocessed by the pipeline's own code at 16x16 (fast to train)."""
+    from hpcdl.data.prepare import write_dataset
+    from hpcdl.data.sources import fetch_source, load_raw
+
+    root = tmp_path_factory.mktemp("digits")
+    provenance = fetch_source({"source": "digits"}, root / "raw")
+    images, labels, classes = load_raw(root / "raw")
+    write_dataset(root / "data", images, labels, classes, image_size=16, channels=1, val_fraction=0.1, test_fraction=0.2, seed=0, provenance=provenance)
+    return root / "data"
+
+
+@pytest.fixture
+def data_copy(digits_dir, tmp_path) -> Path:
+    target = tmp_path / "data"
+    shutil.copytree(digits_dir, target)
+    return target
+
+
+def require_or_fail(condition: bool, reason: str) -> None:
+    """Skip locally when a facility is missing, but under CI=true a missing facility is a failure."""
+    if condition:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"required under CI: {reason}")
+    pytest.skip(reason)

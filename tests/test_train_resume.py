@@ -1,0 +1,79 @@
+"""Training is resumable: a SIGKILL mid-epoch loses nothing, and the resumed run ends with exactly the weights
+of an uninterrupted one (CPU, same world size), continuing the same MLflow run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, mpi_env, mpirun, tracking, train_args, train_config
+
+EPOCHS = 10
+
+
+def small_config(**overrides):
+    return train_config(epochs=EPOCHS, batch_size=16, augment=["random-crop", "rotate", "hflip"], **overrides)
+
+
+def checkpoint_epoch(path) -> int:
+    if not path.exists():
+        return 0
+    return torch.load(path, map_location="cpu", weights_only=False)["epoch"]
+
+
+def assert_same_weights(a, b):
+    sa = torch.load(a, map_location="cpu", weights_only=False)["state_dict"]
+    sb = torch.load(b, map_location="cpu", weights_only=False)["state_dict"]
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), f"weights differ at {key}"
+
+
+def test_sigkill_mid_epoch_then_rerun_resumes_to_identical_weights(data_copy, tmp_path):
+    cfg = small_config()
+    mpirun(2, "hpcdl.train", train_args(tmp_path, data_copy, tmp_path / "straight", cfg))
+
+    out = tmp_path / "killed"
+    checkpoint = out / "checkpoints" / "train.pt"
+    command = ["mpirun", "--bind-to", "none", "-n", "2", sys.executable, "-m", "hpcdl.train", *train_args(tmp_path, data_copy, out, cfg)]
+    job = subprocess.Popen(command, env=mpi_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while checkpoint_epoch(checkpoint) < 3 and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.01)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    killed_at = checkpoint_epoch(checkpoint)
+    assert 3 <= killed_at < EPOCHS, f"the kill did not land mid-training (checkpoint epoch {killed_at})"
+    assert not (out / "model.pt").exists(), "a killed run must not leave a model that looks finished"
+    assert not list(checkpoint.parent.glob("*.tmp")), "no half-written checkpoint may stay behind"
+
+    interrupted_run = json.loads((out / "checkpoints" / "mlflow_run.json").read_text())["run_id"]
+    resumed = mpirun(2, "hpcdl.train", train_args(tmp_path, data_copy, out, cfg))
+    assert "resuming MLflow run" in resumed.stdout + resumed.stderr
+    assert f"epoch {killed_at}/{EPOCHS}" not in resumed.stdout, "finished epochs must not be trained again"
+    assert_same_weights(tmp_path / "straight" / "model.pt", out / "model.pt")
+
+    record = torch.load(out / "model.pt", map_location="cpu", weights_only=False)
+    assert record["mlflow_run_id"] == interrupted_run, "the resumed attempt continues the interrupted MLflow run"
+    mlflow.set_tracking_uri(tracking(tmp_path)["tracking_uri"])
+    client = MlflowClient()
+    assert len(client.search_runs([client.get_experiment_by_name("tests").experiment_id])) == 2
+    steps = sorted({m.step for m in client.get_metric_history(interrupted_run, "loss")})
+    assert steps == list(range(EPOCHS)), "every epoch's metrics logged, at step = epoch"
+
+
+def test_checkpoint_of_other_settings_is_kept_aside_not_resumed(data_copy, tmp_path):
+    out = tmp_path / "out"
+    mpirun(1, "hpcdl.train", train_args(tmp_path, data_copy, out, train_config(epochs=1, ranks=1, augment=[])))
+    result = mpirun(1, "hpcdl.train", train_args(tmp_path, data_copy, out, train_config(epochs=2, ranks=1, augment=[])))
+    assert "made with other settings" in result.stdout
+    assert list((out / "checkpoints").glob("train.stale-*.pt")), "the old checkpoint is kept, not deleted"
+    assert checkpoint_epoch(out / "checkpoints" / "train.pt") == 2

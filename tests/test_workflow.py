@@ -1,0 +1,116 @@
+"""The whole default pipeline through Snakemake, as a user runs it: 2 MPI ranks, every stage tracked in MLflow,
+the accuracy targets met, and Snakemake's incremental behaviour kept (nothing re-runs without a reason)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, mpi_env
+
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+STAGES = ["fetch", "fetch", "preprocess", "preprocess", "train", "evaluate", "finetune"]
+
+
+def snakemake(results: Path, *args, config=(), timeout=900):
+    command = [SNAKEMAKE, "--cores", "2", *args, "--config", f"results={results}", *config]
+    return subprocess.run(command, cwd=REPO, env=mpi_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    results = tmp_path_factory.mktemp("pipeline") / "results"
+    started = time.monotonic()
+    run = snakemake(results)
+    elapsed = time.monotonic() - started
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-6000:]
+    print(f"default pipeline: {elapsed:.1f} s wall")
+    mlflow.set_tracking_uri(f"sqlite:///{results}/mlflow.db")
+    return results, run
+
+
+@pytest.mark.slow
+def test_default_pipeline_meets_accuracy_targets(pipeline):
+    results, _ = pipeline
+    evaluation = json.loads((results / "evaluate" / "metrics.json").read_text())
+    finetune = json.loads((results / "finetune" / "metrics.json").read_text())
+    assert evaluation["accuracy"] >= 0.97, f"mnist5k held-out accuracy {evaluation['accuracy']:.4f}"
+    assert set(evaluation["per_class"]) == {str(d) for d in range(10)}
+    assert sum(map(sum, evaluation["confusion_matrix"])) == evaluation["n"]
+    assert finetune["finetuned"]["accuracy"] >= 0.98, f"digits fine-tuned accuracy {finetune['finetuned']['accuracy']:.4f}"
+    assert finetune["finetuned"]["accuracy"] > finetune["baseline"]["accuracy"], "pretraining must beat training from scratch"
+    for png in ("evaluate/confusion_matrix.png", "evaluate/misclassified.png", "finetune/confusion_matrix.png"):
+        assert (results / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+
+@pytest.mark.slow
+def test_mlflow_holds_one_parent_run_with_a_child_per_stage(pipeline):
+    results, run = pipeline
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("hpcdl-default")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED", "onsuccess closes the parent run"
+    assert parent.data.params["train.model"] == "lenet5"
+    children = {r.info.run_id: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert sorted(r.info.run_name for r in children.values()) == sorted(STAGES)
+    assert all(r.info.status == "FINISHED" for r in children.values())
+
+    train = next(r for r in children.values() if r.info.run_name == "train")
+    assert train.data.params["train.lr"] == "0.05" and train.data.params["train.ranks"] == "2"
+    assert train.data.tags["world_size"] == "2" and train.data.tags["backend"] == "torch"
+    for tag in ("git.commit", "git.dirty", "hostname", "torch.version", "snakemake.rule"):
+        assert train.data.tags[tag], tag
+    epochs = int(train.data.params["train.epochs"])
+    for metric in ("loss", "accuracy", "val_accuracy", "lr", "samples_per_second", "epoch_seconds"):
+        history = client.get_metric_history(train.info.run_id, metric)
+        assert sorted(m.step for m in history) == list(range(epochs)), metric
+    inputs = train.inputs.dataset_inputs
+    assert {i.dataset.name for i in inputs} == {"mnist5k-train", "mnist5k-val"}
+    manifest = json.loads((results / "data" / "pretrain" / "manifest.json").read_text())
+    train_input = next(i for i in inputs if i.dataset.name == "mnist5k-train")
+    assert train_input.dataset.digest == manifest["files"]["train_x.npy"][:16]
+
+    pretrained = client.get_latest_versions("hpcdl-pretrained")[0]
+    finetuned = client.get_latest_versions("hpcdl-finetuned")[0]
+    assert pretrained.run_id == train.info.run_id
+    finetune = next(r for r in children.values() if r.info.run_name == "finetune")
+    assert finetune.data.tags["lineage.parent_run_id"] == train.info.run_id
+    assert finetune.data.tags["lineage.parent_model_uri"].startswith("models:/")
+    assert finetuned.run_id == finetune.info.run_id
+    evaluate = next(r for r in children.values() if r.info.run_name == "evaluate")
+    assert evaluate.data.metrics["test_accuracy"] == json.loads((results / "evaluate" / "metrics.json").read_text())["accuracy"]
+    artifacts = {a.path for a in client.list_artifacts(evaluate.info.run_id)}
+    assert {"confusion_matrix.png", "misclassified.png", "metrics.json"} <= artifacts
+
+
+@pytest.mark.slow
+def test_rerun_without_changes_does_nothing(pipeline):
+    results, _ = pipeline
+    again = snakemake(results)
+    assert again.returncode == 0
+    assert "Nothing to be done" in again.stdout + again.stderr
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("hpcdl-default")
+    parents = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1, "an invocation with nothing to do opens no parent run"
+
+
+@pytest.mark.slow
+def test_changing_a_finetune_key_reruns_only_finetune(pipeline):
+    results, _ = pipeline
+    plan = snakemake(results, "--dry-run", config=["finetune={baseline: false}"])
+    assert plan.returncode == 0, plan.stderr
+    jobs = plan.stdout
+    assert "rule finetune:" in jobs and "mlflow_parent" in jobs
+    for stage in ("rule train:", "rule evaluate:", "rule preprocess:", "localrule fetch:"):
+        assert stage not in jobs, f"{stage} must not re-run for a finetune-only change"
