@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytest_plugins = ["data_fixtures"]  # the local HTTP server and format writers of the data tests
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 

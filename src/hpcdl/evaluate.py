@@ -10,7 +10,7 @@ import mlflow
 import torch
 
 from hpcdl import tracking
-from hpcdl.checkpoint import atomic_write_json
+from hpcdl.atomic import atomic_write_json
 from hpcdl.cli import stage_parser
 from hpcdl.loop import predict
 from hpcdl.metrics import classification_report, plot_confusion, plot_misclassified

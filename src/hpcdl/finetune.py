@@ -14,7 +14,8 @@ import mlflow
 import torch
 
 from hpcdl import tracking
-from hpcdl.checkpoint import CheckpointStore, atomic_write_json, config_digest
+from hpcdl.atomic import atomic_write_json
+from hpcdl.checkpoint import CheckpointStore, config_digest
 from hpcdl.cli import stage_parser
 from hpcdl.data.download import sha256_file
 from hpcdl.evaluate import evaluate_model

@@ -80,7 +80,8 @@ def epoch_shard(n: int, epoch: int, seed: int, rank: int, world: int) -> np.ndar
     return torch.randperm(n, generator=generator)[rank::world].numpy()
 
 
-def _gather(split: Split, indices: np.ndarray):
+def gather_batch(split: Split, indices: np.ndarray):
+    """The uint8 images and int64 labels of `indices` (the loader the training loop and bench/p1 use)."""
     # Sorted reads are sequential on the memory map; order within a batch does not matter to the loss.
     order = np.sort(indices)
     return np.take(split.x, order, axis=0), torch.from_numpy(np.take(split.y, order, axis=0))
@@ -158,7 +159,6 @@ def fit(
     store: CheckpointStore | None,
     resume: dict | None,
     reporter: EpochReporter,
-    extra_state: dict | None = None,
     should_stop=lambda: False,
 ) -> list[dict]:
     """Train `model` for spec.epochs, checkpointing after every epoch on rank 0; returns the per-epoch history.
@@ -193,7 +193,7 @@ def fit(
         sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, samples (this rank)
         for step in step_bar(range(micro), desc=f"{spec.name} epoch {epoch + 1}", enabled=backend.is_root):
             indices = shard[step * spec.batch_size : (step + 1) * spec.batch_size]
-            xb, yb = _gather(train, indices)
+            xb, yb = gather_batch(train, indices)
             x = augment_batch(normalise(xb), spec.augment, generator, fill).to(device)
             y = yb.to(device)
             last_micro = (step + 1) % accum == 0
@@ -228,6 +228,9 @@ def fit(
         }
         history.append(metrics)
         if backend.is_root:
+            # Report first, then checkpoint: a kill in between re-runs (and re-reports) this epoch rather
+            # than losing its record.
+            reporter.on_epoch(spec, epoch, metrics)
             if store is not None:
                 store.save(
                     {
@@ -238,10 +241,8 @@ def fit(
                         "history": history,
                         "rng": rng_states(),
                         "world_size": world,
-                        **(extra_state or {}),
                     }
                 )
-            reporter.on_epoch(spec, epoch, metrics)
         if epoch + 1 < spec.epochs and backend.broadcast_object(bool(should_stop()), root=0):
             break
     return history

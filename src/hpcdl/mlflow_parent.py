@@ -12,7 +12,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from hpcdl import tracking
-from hpcdl.checkpoint import atomic_write_text
+from hpcdl.atomic import atomic_write_text
 
 RUN_ID_LINE = re.compile(r"^hpcdl-parent-run (?P<run_id>[0-9a-f]{32}) (?P<uri>\S+)$", re.MULTILINE)
 

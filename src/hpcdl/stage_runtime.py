@@ -14,7 +14,7 @@ import torch
 
 from hpcdl import tracking
 from hpcdl.backends import Backend, abort_all_ranks, make_backend
-from hpcdl.checkpoint import atomic_torch_save
+from hpcdl.atomic import atomic_torch_save
 from hpcdl.data.prepare import load_split, read_manifest
 from hpcdl.loop import EpochReporter, Normaliser, PhaseSpec, Split
 from hpcdl.models import build_model

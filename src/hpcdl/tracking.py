@@ -143,6 +143,6 @@ def resumable_run_id(checkpoint_dir: Path, digest: str) -> str | None:
 
 
 def remember_run_id(checkpoint_dir: Path, digest: str, run_id: str) -> None:
-    from hpcdl.checkpoint import atomic_write_json
+    from hpcdl.atomic import atomic_write_json
 
     atomic_write_json(Path(checkpoint_dir) / "mlflow_run.json", {"run_id": run_id, "digest": digest})

@@ -1,0 +1,191 @@
+"""Turn decoded raw images into the preprocessed dataset training reads, and read it back fast.
+
+The dataset is stored as uint8 (N,C,H,W) .npy files per split: 4x smaller than float32, memory-mappable
+by every MPI rank at once without copies, and normalised per batch on the fly by batch_to_tensor (whole
+batch tensor ops, no per-sample PIL work). manifest.json is written last, so it existing means every
+split file is complete; it carries the sha256 of each file, the class counts and the train mean/std."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from sklearn.model_selection import train_test_split
+
+from hpcdl.atomic import atomic_output
+from hpcdl.data.download import ChecksumError, sha256_file
+from hpcdl.data.formats import DataError
+
+SPLITS = ("train", "val", "test")
+MANIFEST = "manifest.json"
+CONVERT_CHUNK = 1024  # images per interpolate call: bounds the float32 working memory
+
+
+# --- transforms -----------------------------------------------------------------------------------------
+def convert(images: np.ndarray, *, image_size: int, channels: int) -> np.ndarray:
+    """uint8 (N,C,H,W) -> uint8 (N,channels,image_size,image_size).
+
+    RGB->gray uses the ITU-R 601 luma weights (torchvision's rgb_to_grayscale), gray->RGB repeats the
+    channel; resizing is bilinear with antialiasing so downscaling does not alias. Work happens in float32
+    chunks, rounded and clipped back to uint8."""
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise DataError(f"convert expects uint8 (N,C,H,W) images, got {images.dtype}{images.shape}")
+    if channels not in (1, 3) or images.shape[1] not in (1, 3):
+        raise DataError(f"channels must be 1 or 3: asked for {channels}, images have {images.shape[1]}")
+    if image_size < 1:
+        raise DataError(f"image_size must be positive, got {image_size}")
+    n, c, h, w = images.shape
+    if c == channels and h == w == image_size:
+        return np.ascontiguousarray(images)
+    out = np.empty((n, channels, image_size, image_size), dtype=np.uint8)
+    for start in range(0, n, CONVERT_CHUNK):
+        x = torch.from_numpy(np.ascontiguousarray(images[start:start + CONVERT_CHUNK])).float()
+        if c == 3 and channels == 1:  # reduce before resizing: a third of the interpolation work
+            x = TF.rgb_to_grayscale(x)
+        if (h, w) != (image_size, image_size):
+            x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True,
+                              align_corners=False)
+        if c == 1 and channels == 3:  # expand after resizing, for the same reason
+            x = TF.grayscale_to_rgb(x)
+        out[start:start + len(x)] = x.round_().clamp_(0, 255).to(torch.uint8).numpy()
+    return out
+
+
+def split(labels: np.ndarray, *, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """Seeded, stratified train/val/test index split (disjoint, covering every example, each sorted).
+
+    Two stratified train_test_split calls: test off the whole set, then val off the rest, with val's share
+    rescaled so both fractions refer to the whole dataset."""
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise DataError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in [0, 1) "
+                        "and sum to less than 1")
+    labels = np.asarray(labels)
+    index = np.arange(len(labels))
+
+    def take(idx, fraction, salt):
+        if fraction == 0:
+            return idx, idx[:0]
+        try:
+            return train_test_split(idx, test_size=fraction, stratify=labels[idx], random_state=seed + salt)
+        except ValueError as exc:
+            raise DataError(f"cannot split {len(idx)} examples stratified with fraction {fraction:.4g} "
+                            f"(val_fraction={val_fraction}, test_fraction={test_fraction}): {exc}") from exc
+
+    rest, test = take(index, test_fraction, 0)
+    train, val = take(rest, val_fraction / (1 - test_fraction), 1)
+    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
+
+def channel_stats(x: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and (population) std of uint8 (N,C,H,W) in 0..1 units, accumulated in float64
+    chunks so a large train split never becomes one big float array."""
+    c = x.shape[1]
+    total, total_sq, count = np.zeros(c), np.zeros(c), x.shape[0] * x.shape[2] * x.shape[3]
+    for start in range(0, len(x), chunk):
+        part = x[start:start + chunk].astype(np.float64) / 255.0
+        total += part.sum(axis=(0, 2, 3))
+        total_sq += np.square(part).sum(axis=(0, 2, 3))
+    if count == 0:
+        raise DataError("cannot compute normalisation statistics of an empty train split")
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    return mean.tolist(), std.tolist()
+
+
+# --- writing --------------------------------------------------------------------------------------------
+def _save_npy(path: Path, array: np.ndarray) -> str:
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a tmp path
+            np.save(f, array, allow_pickle=False)
+    return sha256_file(path)
+
+
+def write_dataset(out_dir: Path, images, labels, classes, *, image_size, channels, val_fraction, test_fraction,
+                  seed, provenance: dict) -> dict:
+    """Convert, split and write {split}_x.npy / {split}_y.npy, then manifest.json last (atomic). Returns
+    the manifest."""
+    out_dir = Path(out_dir)
+    # plain Python numbers: callers may pass numpy scalars, which json cannot write
+    image_size, channels, seed = int(image_size), int(channels), int(seed)
+    val_fraction, test_fraction = float(val_fraction), float(test_fraction)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # an interrupted rewrite must not look complete
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(images) != len(labels):
+        raise DataError(f"{len(images)} images but {len(labels)} labels")
+    x = convert(np.asarray(images), image_size=image_size, channels=channels)
+    indices = split(labels, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+
+    files, splits = {}, {}
+    for name in SPLITS:
+        xs, ys = x[indices[name]], labels[indices[name]]
+        files[f"{name}_x.npy"] = _save_npy(out_dir / f"{name}_x.npy", xs)
+        files[f"{name}_y.npy"] = _save_npy(out_dir / f"{name}_y.npy", ys)
+        splits[name] = {"n": int(len(ys)), "x_shape": list(xs.shape),
+                        "class_counts": np.bincount(ys, minlength=len(classes)).tolist()}
+        if name == "train":
+            mean, std = channel_stats(xs)
+
+    manifest = {
+        "classes": list(classes), "num_classes": len(classes), "image_size": image_size, "channels": channels,
+        "splits": splits, "mean": mean, "std": std, "files": files, "provenance": provenance,
+        "params": {"image_size": image_size, "channels": channels, "val_fraction": val_fraction,
+                   "test_fraction": test_fraction, "seed": seed},
+    }
+    with atomic_output(out_dir / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+# --- reading --------------------------------------------------------------------------------------------
+def read_manifest(data_dir: Path) -> dict:
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{path} not found: {data_dir} is not a prepared dataset or its preparation did not finish")
+    return json.loads(path.read_text())
+
+
+def load_split(data_dir: Path, split: str, *, mmap: bool = True, verify: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(x uint8 (N,C,H,W), y int64 (N,)) of one split; x memory-mapped read-only by default so every rank
+    on a node shares the page cache instead of holding its own copy."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    x_path, y_path = data_dir / f"{split}_x.npy", data_dir / f"{split}_y.npy"
+    if verify:
+        for path in (x_path, y_path):
+            expected = manifest["files"].get(path.name)
+            if expected is None:
+                raise DataError(f"{path.name} is not listed in {data_dir / MANIFEST}")
+            actual = sha256_file(path)
+            if actual != expected:
+                raise ChecksumError(str(path), expected, actual)
+    x = np.load(x_path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    y = np.load(y_path, allow_pickle=False)
+    if len(x) != len(y):
+        raise DataError(f"{x_path} holds {len(x)} images but {y_path} {len(y)} labels")
+    return x, y
+
+
+def batch_to_tensor(x_uint8_batch, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (B,C,H,W) numpy array or tensor -> float32 tensor normalised per channel ((x/255 - mean)/std).
+
+    One fused scale-and-shift over the whole batch on the input's device: pass a tensor already moved to
+    the GPU to normalise there and transfer 4x fewer bytes."""
+    if isinstance(x_uint8_batch, np.ndarray):
+        if not x_uint8_batch.flags.writeable:  # e.g. a slice of the read-only memmap; torch wants writable
+            x_uint8_batch = np.array(x_uint8_batch)
+        x_uint8_batch = torch.from_numpy(x_uint8_batch)
+    if x_uint8_batch.dtype != torch.uint8 or x_uint8_batch.ndim != 4:
+        raise DataError(f"batch_to_tensor expects a uint8 (B,C,H,W) batch, got {x_uint8_batch.dtype}"
+                        f"{tuple(x_uint8_batch.shape)}")
+    device = x_uint8_batch.device
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return x_uint8_batch.float().mul_(1.0 / (255.0 * std_t)).sub_(mean_t / std_t)
