@@ -57,8 +57,8 @@ class Backend:
         """Return (model, optimizer) that average gradients across ranks."""
         raise NotImplementedError
 
-    def sync_initial_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Make every rank start from rank 0's weights and optimizer state."""
+    def sync_initial_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, resumed: bool) -> None:
+        """Make every rank start from rank 0's weights and (after loading a checkpoint) optimizer state."""
 
     def no_sync(self, model: nn.Module):
         """Context for accumulation micro-steps whose gradients must not be averaged yet."""
@@ -137,15 +137,18 @@ class HorovodBackend(Backend):
     def wrap(self, model, optimizer, grad_accum_steps):
         optimizer = self.hvd.DistributedOptimizer(
             optimizer,
-            named_parameters=model.named_parameters(),
+            named_parameters=[(name, p) for name, p in model.named_parameters() if p.requires_grad],
             compression=self.compression,
             backward_passes_per_step=grad_accum_steps,
         )
         return model, optimizer
 
-    def sync_initial_state(self, model, optimizer):
+    def sync_initial_state(self, model, optimizer, resumed):
         self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-        self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+        # Only after loading a checkpoint: on an empty state Horovod initialises it with a zero-gradient step,
+        # which applies weight decay once and seeds momentum unlike a plain first step (and unlike DDP).
+        if resumed:
+            self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
 
     def allreduce_sum(self, tensor):
         return self.hvd.allreduce(tensor, op=self.hvd.Sum)

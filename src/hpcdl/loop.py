@@ -70,8 +70,15 @@ def micro_steps_per_epoch(n: int, world: int, batch_size: int, grad_accum_steps:
     return math.ceil(batches / grad_accum_steps) * grad_accum_steps
 
 
-def optimizer_steps_per_epoch(n: int, world: int, batch_size: int, grad_accum_steps: int) -> int:
-    return micro_steps_per_epoch(n, world, batch_size, grad_accum_steps) // grad_accum_steps
+def samples_per_optimizer_step(n: int, world: int, batch_size: int, grad_accum_steps: int) -> list[int]:
+    """Samples all ranks together contribute to each optimizer step, known to every rank without communication.
+
+    Each rank's loss is its sample sum x world / this count, so the averaged gradient is the exact mean over the
+    step's samples, even when shards and last batches differ in size (2 ranks x B/2 == 1 rank x B)."""
+    shard_sizes = [len(range(rank, n, world)) for rank in range(world)]
+    micro = micro_steps_per_epoch(n, world, batch_size, grad_accum_steps)
+    per_micro = [sum(min(max(size - step * batch_size, 0), batch_size) for size in shard_sizes) for step in range(micro)]
+    return [sum(per_micro[g : g + grad_accum_steps]) for g in range(0, micro, grad_accum_steps)]
 
 
 def epoch_shard(n: int, epoch: int, seed: int, rank: int, world: int) -> np.ndarray:
@@ -169,7 +176,8 @@ def fit(
     the checkpoint of that epoch is written, and the history so far is returned.
     """
     world, rank, accum = backend.size, backend.rank, spec.grad_accum_steps
-    steps = optimizer_steps_per_epoch(len(train), world, spec.batch_size, accum)
+    step_samples = samples_per_optimizer_step(len(train), world, spec.batch_size, accum)
+    steps = len(step_samples)
     micro = steps * accum
     model = model.to(device)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
@@ -181,7 +189,7 @@ def fit(
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         history, start_epoch = list(resume["history"]), resume["epoch"]
-    backend.sync_initial_state(unwrap(model), optimizer)
+    backend.sync_initial_state(unwrap(model), optimizer, resumed=resume is not None)
     scaler = torch.amp.GradScaler("cuda") if spec.precision == "fp16" else None
     fill = normalise.black
 
@@ -201,8 +209,8 @@ def fit(
                 with autocast_context(spec.precision, device):
                     logits = model(x)
                     loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")
-                # Mean over the batch (an empty batch contributes zero gradient), averaged over micro-steps.
-                loss = loss_sum / max(len(indices), 1) / accum
+                # After the backend averages over ranks: the mean over all samples of this optimizer step.
+                loss = loss_sum * world / max(step_samples[step // accum], 1)
                 (scaler.scale(loss) if scaler else loss).backward()
             if last_micro:
                 if scaler:
@@ -210,7 +218,7 @@ def fit(
                     scaler.update()
                 else:
                     optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad()  # set_to_none by default; Horovod's wrapper takes no arguments
                 scheduler.step()
             if len(indices):
                 sums += torch.tensor([loss_sum.item(), (logits.argmax(1) == y).sum().item(), len(indices)], dtype=torch.float64)

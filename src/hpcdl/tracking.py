@@ -64,6 +64,21 @@ def git_state() -> dict:
         return {"git.commit": os.environ.get("HPCDL_GIT_COMMIT", "unknown"), "git.dirty": "unknown"}
 
 
+SLURM_TAGS = {
+    "slurm.job_id": "SLURM_JOB_ID",
+    "slurm.job_name": "SLURM_JOB_NAME",
+    "slurm.partition": "SLURM_JOB_PARTITION",
+    "slurm.nodelist": "SLURM_JOB_NODELIST",
+    "slurm.ntasks": "SLURM_NTASKS",
+    "slurm.cpus_per_task": "SLURM_CPUS_PER_TASK",
+}
+
+
+def slurm_tags() -> dict:
+    """Where the stage ran under Slurm, so a user can go from a run in the UI to `sacct -j <job id>`."""
+    return {tag: os.environ[var] for tag, var in SLURM_TAGS.items() if var in os.environ}
+
+
 def runtime_tags(stage: str, **extra) -> dict:
     """Tags that let a user reproduce and locate a run: code version, where and how it ran."""
     import torch
@@ -75,6 +90,7 @@ def runtime_tags(stage: str, **extra) -> dict:
         "torch.version": torch.__version__,
         "python.version": platform.python_version(),
         **git_state(),
+        **slurm_tags(),
     }
     tags.update({key: str(value) for key, value in extra.items() if value is not None})
     return tags

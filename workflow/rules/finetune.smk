@@ -19,7 +19,7 @@ rule finetune:
         python=PYTHON,
         stage=lambda wildcards: stage_params(
             finetune=config["finetune"],
-            train={k: config["train"][k] for k in ("model", "backend", "precision", "grad_accum_steps", "nesterov", "schedule", "warmup_epochs")},
+            train={k: config["train"][k] for k in ("model", "backend", "compression", "precision", "grad_accum_steps", "nesterov", "schedule", "warmup_epochs")},
         ),
         data_dir=lambda wildcards, input: os.path.dirname(input.manifest),
         out_dir=lambda wildcards, output: os.path.dirname(output.model),

@@ -1,0 +1,69 @@
+"""P3: weak scaling of data-parallel training on this machine: 2 ranks x 1 thread vs 1 rank x 1 thread.
+
+Runs the real train stage (`mpirun -n R python -m hpcdl.train`) on mnist5k with the per-rank batch fixed, for each
+backend that is installed, and prints samples/s and weak-scaling efficiency = throughput(2) / (2 x throughput(1)),
+all measured in this one run. Steady state: the first epoch (warm-up, allocator, rendezvous) is dropped."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET = 0.90
+
+
+def prepare(root: Path) -> Path:
+    from hpcdl.data.prepare import write_dataset
+    from hpcdl.data.sources import fetch_source, load_raw
+
+    provenance = fetch_source({"source": "mnist5k"}, root / "raw")
+    images, labels, classes = load_raw(root / "raw")
+    write_dataset(root / "data", images, labels, classes, image_size=28, channels=1, val_fraction=0.05, test_fraction=0.15, seed=0, provenance=provenance)
+    return root / "data"
+
+
+def throughput(root: Path, data: Path, backend: str, ranks: int, epochs: int) -> float:
+    cfg = copy.deepcopy(yaml.safe_load((REPO / "config" / "config.yaml").read_text())["train"])
+    cfg.update(backend=backend, ranks=ranks, threads_per_rank=1, epochs=epochs, augment=[])
+    out = root / f"{backend}-{ranks}"
+    params = {"mlflow": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "experiment": "p3"}, "train": cfg}
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    command = ["mpirun", "--bind-to", "core", "-n", str(ranks), sys.executable, "-m", "hpcdl.train", "--params", json.dumps(params), "--data-dir", str(data), "--out-dir", str(out)]
+    subprocess.run(command, env=env, check=True, capture_output=True, text=True, cwd=REPO)
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    return statistics.median(epoch["samples_per_second"] for epoch in history[1:])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--check", action="store_true", help=f"exit 1 if an efficiency is below {TARGET}")
+    args = parser.parse_args(argv)
+    backends = ["torch"] + (["horovod"] if importlib.util.find_spec("horovod") else [])
+    worst = 1.0
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        data = prepare(root)
+        print(f"mnist5k, lenet5, per-rank batch 64, 1 thread per rank, {os.cpu_count()} cores, median of epochs 2..{args.epochs}")
+        for backend in backends:
+            one = throughput(root, data, backend, 1, args.epochs)
+            two = throughput(root, data, backend, 2, args.epochs)
+            efficiency = two / (2 * one)
+            worst = min(worst, efficiency)
+            print(f"{backend:8s} 1 rank {one:9,.0f} samples/s | 2 ranks {two:9,.0f} samples/s | speedup {two / one:.2f}x | weak-scaling efficiency {efficiency:.2f} (target >= {TARGET})")
+    return 1 if args.check and worst < TARGET else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
