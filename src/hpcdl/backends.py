@@ -10,6 +10,7 @@ local rank come from MPI itself (works under every launcher, no OMPI_*/SLURM_* g
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import socket
 import sys
@@ -53,8 +54,9 @@ class Backend:
             return torch.device("cuda", self.local_rank)
         return torch.device("cpu")
 
-    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_accum_steps: int):
-        """Return (model, optimizer) that average gradients across ranks."""
+    def wrap(self, model: nn.Module, make_optimizer, grad_accum_steps: int):
+        """Return (model, optimizer) that average gradients across ranks; make_optimizer(params) builds the
+        plain optimizer. The returned model may be a wrapper or a copy: use unwrap() on it afterwards."""
         raise NotImplementedError
 
     def sync_initial_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, resumed: bool) -> None:
@@ -99,9 +101,9 @@ class TorchBackend(Backend):
             timeout=timedelta(seconds=timeout_s),
         )
 
-    def wrap(self, model, optimizer, grad_accum_steps):
+    def wrap(self, model, make_optimizer, grad_accum_steps):
         device_ids = [self.local_rank] if next(model.parameters()).is_cuda else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids), optimizer
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids), make_optimizer(trainable_parameters(model))
 
     def no_sync(self, model):
         return model.no_sync()
@@ -134,9 +136,13 @@ class HorovodBackend(Backend):
         self.rank, self.size, self.local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
         self.compression = hvd.Compression.fp16 if compression == "fp16" else hvd.Compression.none
 
-    def wrap(self, model, optimizer, grad_accum_steps):
+    def wrap(self, model, make_optimizer, grad_accum_steps):
+        # Horovod hooks the parameters' gradient accumulators and offers no way to unhook them, so a second
+        # phase on the same module (fine-tuning: frozen, then unfrozen) would allreduce every gradient twice.
+        # Each phase therefore trains its own copy of the module, with the optimizer rebuilt on the copy.
+        model = copy.deepcopy(model)
         optimizer = self.hvd.DistributedOptimizer(
-            optimizer,
+            make_optimizer(trainable_parameters(model)),
             named_parameters=[(name, p) for name, p in model.named_parameters() if p.requires_grad],
             compression=self.compression,
             backward_passes_per_step=grad_accum_steps,
@@ -169,6 +175,10 @@ def make_backend(name: str, *, compression: str = "none") -> Backend:
     if name == "horovod":
         return HorovodBackend(compression=compression)
     raise ValueError(f"train.backend: unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+
+
+def trainable_parameters(model: nn.Module) -> list:
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def unwrap(model: nn.Module) -> nn.Module:

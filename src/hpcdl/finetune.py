@@ -77,7 +77,7 @@ def main(argv=None) -> int:
 
     def train_phase(net, name, epochs, lr, reporter, trainable_backbone):
         if epochs == 0:
-            return []
+            return net, []
         set_backbone_trainable(net, trainable_backbone)
         spec = PhaseSpec(name, epochs, ft["batch_size"], ft["seed"], ft["augment"], tr["precision"], tr["grad_accum_steps"])
         store = CheckpointStore(checkpoint_dir / f"{name}.pt", digest)
@@ -97,13 +97,14 @@ def main(argv=None) -> int:
             if run_id is None:
                 mlflow.log_params(tracking.flatten({"finetune": ft, "train": tr}))
                 mlflow.set_tags({f"lineage.{k}": v for k, v in lineage.items() if v is not None})
-        history = train_phase(model, "frozen", ft["epochs_frozen"], ft["lr"], MlflowEpochReporter(), trainable_backbone=False)
-        history += train_phase(model, "unfrozen", ft["epochs_unfrozen"], ft["lr"] * ft["unfrozen_lr_factor"], MlflowEpochReporter(step_offset=ft["epochs_frozen"]), trainable_backbone=True)
+        model, frozen = train_phase(model, "frozen", ft["epochs_frozen"], ft["lr"], MlflowEpochReporter(), trainable_backbone=False)
+        model, unfrozen = train_phase(model, "unfrozen", ft["epochs_unfrozen"], ft["lr"] * ft["unfrozen_lr_factor"], MlflowEpochReporter(step_offset=ft["epochs_frozen"]), trainable_backbone=True)
+        history = frozen + unfrozen
         baseline = None
         if ft["baseline"]:
             torch.manual_seed(ft["seed"])
             baseline = scratch_model(arch, manifest)
-            train_phase(baseline, "baseline", ft["epochs_frozen"] + ft["epochs_unfrozen"], ft["lr"], MlflowEpochReporter(prefix="baseline_"), trainable_backbone=True)
+            baseline, _ = train_phase(baseline, "baseline", ft["epochs_frozen"] + ft["epochs_unfrozen"], ft["lr"], MlflowEpochReporter(prefix="baseline_"), trainable_backbone=True)
         if backend.is_root:
             finish(model, baseline, arch, lineage, ft, manifest, splits, normalise, history, args.out_dir, run)
     backend.barrier()

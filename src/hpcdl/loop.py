@@ -167,8 +167,9 @@ def fit(
     resume: dict | None,
     reporter: EpochReporter,
     should_stop=lambda: False,
-) -> list[dict]:
-    """Train `model` for spec.epochs, checkpointing after every epoch on rank 0; returns the per-epoch history.
+) -> tuple[torch.nn.Module, list[dict]]:
+    """Train `model` for spec.epochs, checkpointing after every epoch on rank 0; returns the trained module
+    (the backend may have trained a copy: use the returned one) and the per-epoch history.
 
     make_optimizer(params) builds the optimizer with the world-scaled LR; make_scheduler(optimizer,
     steps_per_epoch) its per-step LR schedule. `resume` is a checkpoint already broadcast to every rank (or None).
@@ -180,8 +181,7 @@ def fit(
     steps = len(step_samples)
     micro = steps * accum
     model = model.to(device)
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
-    model, optimizer = backend.wrap(model, optimizer, accum)
+    model, optimizer = backend.wrap(model, make_optimizer, accum)
     scheduler = make_scheduler(optimizer, steps)
     history, start_epoch = [], 0
     if resume is not None:
@@ -253,4 +253,4 @@ def fit(
                 )
         if epoch + 1 < spec.epochs and backend.broadcast_object(bool(should_stop()), root=0):
             break
-    return history
+    return unwrap(model), history

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
                 log_split_inputs(manifest, splits, args.data_dir)
             else:
                 print(f"hpcdl: resuming MLflow run {run_id} from epoch {resume['epoch'] if resume else 0}", flush=True)
-        history = fit(
+        model, history = fit(
             model=model,
             backend=backend,
             device=device,
