@@ -13,7 +13,6 @@ validate(config, "workflow/schemas/config.schema.yaml")
 
 
 include: "workflow/rules/common.smk"
-include: "workflow/rules/mlflow_parent.smk"
 include: "workflow/rules/fetch.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/train.smk"
@@ -26,6 +25,12 @@ rule all:
         f"{RESULTS}/evaluate/metrics.json",
         f"{RESULTS}/finetune/metrics.json",
     default_target: True
+
+
+# One parent MLflow run per invocation that has jobs to run (Snakemake runs onstart only then, on the
+# submitting host, never inside jobs); every stage's run becomes its child. See common.smk:open_parent_run.
+onstart:
+    open_parent_run()
 
 
 onsuccess:

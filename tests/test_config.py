@@ -28,7 +28,7 @@ def dry_run(tmp_path, override: dict | None = None, *extra):
 def test_default_config_plans_every_stage(tmp_path):
     result, output = dry_run(tmp_path)
     assert result.returncode == 0, output
-    for rule in ("mlflow_parent", "fetch", "preprocess", "train", "evaluate", "finetune"):
+    for rule in ("fetch", "preprocess", "train", "evaluate", "finetune"):
         assert f"rule {rule}:" in output, rule
     assert "mpi=mpirun --bind-to none, tasks=2" in output, "training runs as 2 MPI ranks by default"
     assert not (tmp_path / "results").exists(), "a dry run writes nothing"

@@ -96,3 +96,14 @@ def test_horovod_and_torch_distributed_train_the_same_model(data_copy, tmp_path)
     horovod_losses = [e["loss"] for e in results["horovod"]["history"]]
     np.testing.assert_allclose(horovod_losses, torch_losses, rtol=1e-4)
     assert abs(results["horovod"]["val"]["accuracy"] - results["torch"]["val"]["accuracy"]) <= 0.005
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_accumulation_equals_the_larger_batch(data_copy, tmp_path, backend):
+    """grad_accum_steps=2 x batch 8 takes the same optimizer steps as batch 16 (Horovod's
+    backward_passes_per_step, DDP's no_sync), including the empty micro-batch that pads the last step."""
+    needs(backend)
+    common = dict(epochs=2, augment=[], warmup_epochs=0, backend=backend, schedule="constant", momentum=0.9, lr=0.005)
+    mpirun(2, "hpcdl.train", train_args(tmp_path, data_copy, tmp_path / "big", train_config(batch_size=16, **common)))
+    mpirun(2, "hpcdl.train", train_args(tmp_path, data_copy, tmp_path / "accum", train_config(batch_size=8, grad_accum_steps=2, **common)))
+    np.testing.assert_allclose(history(tmp_path / "accum"), history(tmp_path / "big"), rtol=1e-5)

@@ -77,3 +77,31 @@ def test_checkpoint_of_other_settings_is_kept_aside_not_resumed(data_copy, tmp_p
     assert "made with other settings" in result.stdout
     assert list((out / "checkpoints").glob("train.stale-*.pt")), "the old checkpoint is kept, not deleted"
     assert checkpoint_epoch(out / "checkpoints" / "train.pt") == 2
+
+
+def test_sigusr1_checkpoints_exits_75_and_a_rerun_continues_the_same_run(data_copy, tmp_path):
+    """The walltime path (Slurm's --signal=USR1@<s>; mpirun forwards SIGUSR1 to the ranks the same way)."""
+    cfg = small_config()
+    out = tmp_path / "out"
+    checkpoint = out / "checkpoints" / "train.pt"
+    command = ["mpirun", "--bind-to", "none", "-n", "2", sys.executable, "-m", "hpcdl.train", *train_args(tmp_path, data_copy, out, cfg)]
+    job = subprocess.Popen(command, env=mpi_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while checkpoint_epoch(checkpoint) < 2 and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.01)
+    job.send_signal(signal.SIGUSR1)
+    output, _ = job.communicate(timeout=60)
+    assert job.returncode == 75, output[-3000:]
+    stopped_at = checkpoint_epoch(checkpoint)
+    assert 2 <= stopped_at < EPOCHS
+    assert f"stopped on SIGUSR1 after epoch {stopped_at}/{EPOCHS} of train" in output
+    assert not (out / "model.pt").exists()
+    run_id = json.loads((out / "checkpoints" / "mlflow_run.json").read_text())["run_id"]
+    mlflow.set_tracking_uri(tracking(tmp_path)["tracking_uri"])
+    client = MlflowClient()
+    assert client.get_run(run_id).info.status == "KILLED"
+
+    resumed = mpirun(2, "hpcdl.train", train_args(tmp_path, data_copy, out, cfg))
+    assert f"from epoch {stopped_at}" in resumed.stdout
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert sorted({m.step for m in client.get_metric_history(run_id, "loss")}) == list(range(EPOCHS))

@@ -12,5 +12,5 @@ import json
 def stage_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", required=True, type=json.loads, help="stage parameters as JSON (see common.smk)")
-    parser.add_argument("--parent-run", help="file holding the parent MLflow run id (rule mlflow_parent)")
+    parser.add_argument("--parent-run", help="file holding the parent MLflow run id (written by the Snakefile's onstart)")
     return parser

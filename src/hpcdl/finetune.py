@@ -24,6 +24,8 @@ from hpcdl.models import TorchvisionBackbone, build_model, replace_head, set_bac
 from hpcdl.optim import build_optimizer, build_schedule
 from hpcdl.stage_runtime import (
     MlflowEpochReporter,
+    StopRequest,
+    exit_resumable,
     load_data,
     load_model_file,
     log_model,
@@ -68,6 +70,7 @@ def main(argv=None) -> int:
     if ft["epochs_frozen"] + ft["epochs_unfrozen"] < 1:
         raise ValueError("finetune.epochs_frozen + finetune.epochs_unfrozen must be at least 1")
     backend, device = start_backend(tr["backend"], ft["threads_per_rank"], tr.get("compression", "none"))
+    stop = StopRequest()
     manifest, splits, normalise = load_data(args.data_dir)
     torch.manual_seed(ft["seed"])
     model, arch, lineage = pretrained_model(ft["init"], args.init, manifest)
@@ -82,12 +85,16 @@ def main(argv=None) -> int:
         spec = PhaseSpec(name, epochs, ft["batch_size"], ft["seed"], ft["augment"], tr["precision"], tr["grad_accum_steps"])
         store = CheckpointStore(checkpoint_dir / f"{name}.pt", digest)
         resume = backend.broadcast_object(store.load() if backend.is_root else None)
-        return fit(
+        trained, history = fit(
             model=net, backend=backend, device=device,
             make_optimizer=lambda params: build_optimizer(ft["optimizer"], params, lr=lr * world, momentum=ft["momentum"], nesterov=tr["nesterov"], weight_decay=ft["weight_decay"]),
             make_scheduler=lambda opt, steps: build_schedule(opt, world_size=world, warmup_steps=min(tr["warmup_epochs"], epochs) * steps, total_steps=epochs * steps, schedule=tr["schedule"]),
             train=splits["train"], val=splits["val"], normalise=normalise, spec=spec, store=store, resume=resume, reporter=reporter,
+            should_stop=stop,
         )
+        if len(history) < epochs:
+            exit_resumable(backend, name, len(history), epochs, store.path)
+        return trained, history
 
     run_id = tracking.resumable_run_id(checkpoint_dir, digest) if backend.is_root else None
     with run_context(backend, args.params["mlflow"], stage="finetune", parent_run_file=args.parent_run, run_id=run_id, tags=stage_tags("finetune", backend)) as run:

@@ -1,5 +1,5 @@
-"""Rule mlflow_parent: open the parent MLflow run of a workflow invocation (`open`), and mark it finished or
-failed from the Snakefile's onsuccess/onerror handlers (`close`)."""
+"""The parent MLflow run of a workflow invocation: opened by the Snakefile's onstart handler (`open`), marked
+finished or failed by its onsuccess/onerror handlers (`close`). Every stage's run is its child."""
 
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ def open_parent(params: dict, out: Path) -> str:
     mlflow_cfg = params["mlflow"]
     experiment_id = tracking.configure(mlflow_cfg)
     client = MlflowClient()
-    run = client.create_run(experiment_id, run_name="workflow", tags=tracking.runtime_tags("mlflow_parent"))
+    run = client.create_run(experiment_id, run_name="workflow", tags=tracking.runtime_tags("onstart"))
     for key, value in tracking.flatten(params["config"]).items():
         client.log_param(run.info.run_id, key, value)
     client.log_text(run.info.run_id, json.dumps(params["config"], indent=2, sort_keys=True), "config.json")
     atomic_write_text(out, run.info.run_id + "\n")
-    # The log line is what `close` reads back after Snakemake has removed the temp() id file.
+    # The log line is what `close` reads back: it names the store too, so closing needs no config.
     print(f"hpcdl-parent-run {run.info.run_id} {mlflow_cfg['tracking_uri']}")
     print(f"MLflow runs table: {tracking.runs_url(mlflow_cfg, experiment_id)}")
     return run.info.run_id

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
+import signal
 from pathlib import Path
 
 import mlflow
@@ -29,12 +29,43 @@ def start_backend(name: str, threads: int, compression: str = "none") -> tuple[B
     return backend, backend.device()
 
 
+EXIT_RESUMABLE = 75  # EX_TEMPFAIL: stopped on request with a checkpoint written; a retry or re-run resumes
+
+
+class StopRequest:
+    """SIGUSR1 asks training to stop after the current epoch's checkpoint (Slurm: `--signal=USR1@<seconds>`
+    before the time limit reaches every rank of the srun step; mpirun forwards it too). Polled by the loop,
+    which takes rank 0's answer so all ranks stop at the same epoch."""
+
+    def __init__(self):
+        self.signal_name = None
+        signal.signal(signal.SIGUSR1, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+
+    def __call__(self) -> bool:
+        return self.signal_name is not None
+
+
+def exit_resumable(backend: Backend, phase: str, epochs_done: int, epochs: int, checkpoint: Path) -> None:
+    """End a stopped stage on every rank alike: MLflow run KILLED (resumed later), exit code 75."""
+    if backend.is_root:
+        mlflow.end_run(status="KILLED")
+        print(f"hpcdl: stopped on SIGUSR1 after epoch {epochs_done}/{epochs} of {phase}; checkpoint {checkpoint}; "
+              f"a retry or re-run resumes from it", flush=True)
+    backend.barrier()
+    backend.shutdown()
+    raise SystemExit(EXIT_RESUMABLE)
+
+
 def run_on_all_ranks(main, argv=None) -> int:
-    """Run a stage's main; if any rank raises, name it and abort the MPI job instead of leaving peers hanging."""
+    """Run a stage's main; if any rank raises, name it and abort the MPI job instead of leaving peers hanging.
+    SystemExit is a deliberate, collective exit (argument errors, a stop request) and passes through."""
     try:
         return main(argv)
     except BaseException as error:
-        if isinstance(error, SystemExit) and not error.code:
+        if isinstance(error, SystemExit):
             raise
         from hpcdl.backends import mpi_comm
 
@@ -126,8 +157,3 @@ def log_model(model, *, registered_name: str, example: np.ndarray):
 
 def stage_tags(stage: str, backend: Backend, **extra) -> dict:
     return tracking.runtime_tags(stage, world_size=backend.size, backend=backend.name, **extra)
-
-
-def fail(message: str) -> None:
-    print(f"hpcdl: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)

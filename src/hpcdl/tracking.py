@@ -1,5 +1,5 @@
-"""MLflow tracking, as MLflow's docs lay it out: one parent run per workflow invocation (opened by rule
-mlflow_parent), one child run per stage (tag mlflow.parentRunId), logged by rank 0 only.
+"""MLflow tracking, as MLflow's docs lay it out: one parent run per workflow invocation (opened by the
+Snakefile's onstart handler), one child run per stage (tag mlflow.parentRunId), logged by rank 0 only.
 
 Stages resume their own child run when a checkpoint names it, so a retried or re-run training continues the
 same run and its metric histories."""
@@ -110,10 +110,14 @@ def flatten(params: dict, prefix: str = "") -> dict:
     return flat
 
 
-def read_parent_run_id(path) -> str:
-    run_id = Path(path).read_text().strip()
+def read_parent_run_id(path) -> str | None:
+    """The invocation's parent run id; None (a top-level run, with a warning) when Snakemake ran without its
+    onstart hook (--no-hooks) or the stage runs by hand."""
+    path = Path(path)
+    run_id = path.read_text().strip() if path.exists() else ""
     if not run_id:
-        raise ValueError(f"{path}: empty parent run id file")
+        print(f"hpcdl: no parent MLflow run id in {path}; logging a top-level run", file=sys.stderr, flush=True)
+        return None
     return run_id
 
 

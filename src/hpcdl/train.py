@@ -21,6 +21,8 @@ from hpcdl.models import build_model, count_parameters
 from hpcdl.optim import build_optimizer, build_schedule
 from hpcdl.stage_runtime import (
     MlflowEpochReporter,
+    StopRequest,
+    exit_resumable,
     load_data,
     log_model,
     model_record,
@@ -39,6 +41,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cfg = args.params["train"]
     backend, device = start_backend(cfg["backend"], cfg["threads_per_rank"], cfg.get("compression", "none"))
+    stop = StopRequest()
     manifest, splits, normalise = load_data(args.data_dir)
     checkpoint_dir = args.out_dir / "checkpoints"
     digest = config_digest({"train": cfg, "data": manifest["files"]})
@@ -80,7 +83,10 @@ def main(argv=None) -> int:
             store=store,
             resume=resume,
             reporter=MlflowEpochReporter(),
+            should_stop=stop,
         )
+        if len(history) < spec.epochs:
+            exit_resumable(backend, "train", len(history), spec.epochs, store.path)
         if backend.is_root:
             finish(model, cfg, manifest, splits, normalise, history, args.out_dir, run)
     backend.barrier()

@@ -1,15 +1,16 @@
 # Names and helpers shared by workflow/rules/*.smk: paths, the stage interpreter, the per-stage parameter JSON.
 import json
 import os
+import shlex
 import sys
 
 RESULTS = config["results"].rstrip("/")
 # The interpreter that runs the stages: the one running Snakemake (the project's venv) unless overridden,
 # e.g. HPCDL_PYTHON="apptainer exec image.sif python3" once the stages run in containers.
 PYTHON = os.environ.get("HPCDL_PYTHON", sys.executable)
-# The parent MLflow run of this invocation: written by the mlflow_parent job, read by every stage. It is temp() so
-# that each invocation that has work to do opens a fresh parent run; stages take it as ancient() input so a new
-# parent never makes finished stages look outdated.
+# The parent MLflow run of this invocation: its id is written here by the onstart handler and read by every
+# stage (a path in params, not an input: a job producing a file that every stage consumes would make Snakemake
+# re-run every stage whenever it runs, so no incremental re-run would be possible).
 PARENT_RUN = f"{RESULTS}/.mlflow_parent_run"
 PARENT_LOG = f"{RESULTS}/logs/mlflow_parent.log"
 ROLES = ("pretrain", "finetune")
@@ -43,6 +44,13 @@ def split_files(role):
         for split in ("train", "val", "test")
         for part in ("x", "y")
     }
+
+
+def open_parent_run():
+    """onstart: open the parent run with the whole config as params (runs on the submitting host)."""
+    os.makedirs(os.path.dirname(PARENT_LOG), exist_ok=True)
+    stage = stage_params(config=config)
+    shell(f"{PYTHON} -m hpcdl.mlflow_parent open --params {shlex.quote(stage)} --out {PARENT_RUN} > {PARENT_LOG} 2>&1")
 
 
 def close_parent_run(status):

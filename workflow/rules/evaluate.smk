@@ -1,7 +1,6 @@
 rule evaluate:
     """Test-split accuracy, loss, per-class precision/recall/F1, confusion matrix and misclassified grid."""
     input:
-        parent=ancient(PARENT_RUN),
         model=f"{RESULTS}/train/model.pt",
         manifest=f"{RESULTS}/data/pretrain/manifest.json",
         **split_files("pretrain"),
@@ -23,6 +22,7 @@ rule evaluate:
         f"{RESULTS}/logs/evaluate.log",
     params:
         python=PYTHON,
+        parent=PARENT_RUN,
         stage=lambda wildcards: stage_params(),
         data_dir=lambda wildcards, input: os.path.dirname(input.manifest),
         out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
@@ -31,4 +31,4 @@ rule evaluate:
         runtime=30,
     shell:
         "{params.python} -m hpcdl.evaluate --params {params.stage:q} --model {input.model}"
-        " --data-dir {params.data_dir} --out-dir {params.out_dir} --parent-run {input.parent} 2>&1 | tee {log}"
+        " --data-dir {params.data_dir} --out-dir {params.out_dir} --parent-run {params.parent} 2>&1 | tee {log}"

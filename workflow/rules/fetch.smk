@@ -5,8 +5,6 @@ localrules:
 
 rule fetch:
     """Copy an embedded dataset or download one (sha256-verified). Local: login nodes have internet."""
-    input:
-        parent=ancient(PARENT_RUN),
     output:
         f"{RESULTS}/raw/{{role}}/fetch.json",
     container:
@@ -15,6 +13,7 @@ rule fetch:
         f"{RESULTS}/logs/fetch_{{role}}.log",
     params:
         python=PYTHON,
+        parent=PARENT_RUN,
         stage=lambda wildcards: stage_params(
             role=wildcards.role,
             dataset=config["data"][wildcards.role],
@@ -23,13 +22,11 @@ rule fetch:
         out_dir=lambda wildcards, output: os.path.dirname(output[0]),
     shell:
         "{params.python} -m hpcdl.fetch --params {params.stage:q} --out-dir {params.out_dir}"
-        " --parent-run {input.parent} 2>&1 | tee {log}"
+        " --parent-run {params.parent} 2>&1 | tee {log}"
 
 
 rule fetch_weights:
     """Download (or copy) the torchvision weights named by finetune.init/finetune.weights, sha256-verified."""
-    input:
-        parent=ancient(PARENT_RUN),
     output:
         f"{RESULTS}/raw/weights/{{arch}}.pth",
     container:
@@ -38,7 +35,8 @@ rule fetch_weights:
         f"{RESULTS}/logs/fetch_weights_{{arch}}.log",
     params:
         python=PYTHON,
+        parent=PARENT_RUN,
         stage=lambda wildcards: stage_params(weights=config["finetune"]["weights"], arch=wildcards.arch),
     shell:
         "{params.python} -m hpcdl.fetch --params {params.stage:q} --weights-out {output}"
-        " --parent-run {input.parent} 2>&1 | tee {log}"
+        " --parent-run {params.parent} 2>&1 | tee {log}"

@@ -1,7 +1,6 @@
 rule finetune:
     """Transfer learning: new head, frozen backbone, then everything at a lower LR; optional scratch baseline."""
     input:
-        parent=ancient(PARENT_RUN),
         init=finetune_init_file,
         manifest=f"{RESULTS}/data/finetune/manifest.json",
         **split_files("finetune"),
@@ -17,6 +16,7 @@ rule finetune:
         f"{RESULTS}/logs/finetune.log",
     params:
         python=PYTHON,
+        parent=PARENT_RUN,
         stage=lambda wildcards: stage_params(
             finetune=config["finetune"],
             train={k: config["train"][k] for k in ("model", "backend", "compression", "precision", "grad_accum_steps", "nesterov", "schedule", "warmup_epochs")},
@@ -36,5 +36,5 @@ rule finetune:
         shell(
             "{resources.mpi} -n {resources.tasks} {params.python} -m hpcdl.finetune --params {params.stage:q}"
             " --init {input.init} --data-dir {params.data_dir} --out-dir {params.out_dir}"
-            " --parent-run {input.parent} 2>&1 | tee {log}"
+            " --parent-run {params.parent} 2>&1 | tee {log}"
         )

@@ -1,7 +1,6 @@
 rule preprocess:
     """Decode once into uint8 (N, C, H, W) arrays per split + manifest.json (stats, sha256, provenance)."""
     input:
-        parent=ancient(PARENT_RUN),
         fetched=f"{RESULTS}/raw/{{role}}/fetch.json",
     output:
         **split_files("{role}"),
@@ -12,6 +11,7 @@ rule preprocess:
         f"{RESULTS}/logs/preprocess_{{role}}.log",
     params:
         python=PYTHON,
+        parent=PARENT_RUN,
         stage=lambda wildcards: stage_params(
             role=wildcards.role,
             data={k: v for k, v in config["data"].items() if k not in ROLES and k != "mirror"},
@@ -23,4 +23,4 @@ rule preprocess:
         runtime=30,
     shell:
         "{params.python} -m hpcdl.preprocess --params {params.stage:q} --raw-dir {params.raw_dir}"
-        " --out-dir {params.out_dir} --parent-run {input.parent} 2>&1 | tee {log}"
+        " --out-dir {params.out_dir} --parent-run {params.parent} 2>&1 | tee {log}"

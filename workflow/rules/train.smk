@@ -2,7 +2,6 @@ rule train:
     """Data-parallel training: `ranks` MPI ranks (mpirun here; srun --mpi=pmix in the Slurm profiles).
     Rank 0 checkpoints every epoch under train/checkpoints/, so a re-run resumes where a killed one stopped."""
     input:
-        parent=ancient(PARENT_RUN),
         manifest=f"{RESULTS}/data/pretrain/manifest.json",
         **split_files("pretrain"),
     output:
@@ -12,6 +11,7 @@ rule train:
         f"{RESULTS}/logs/train.log",
     params:
         python=PYTHON,
+        parent=PARENT_RUN,
         stage=lambda wildcards: stage_params(train=config["train"]),
         data_dir=lambda wildcards, input: os.path.dirname(input.manifest),
         out_dir=lambda wildcards, output: os.path.dirname(output.model),
@@ -28,5 +28,5 @@ rule train:
     run:
         shell(
             "{resources.mpi} -n {resources.tasks} {params.python} -m hpcdl.train --params {params.stage:q}"
-            " --data-dir {params.data_dir} --out-dir {params.out_dir} --parent-run {input.parent} 2>&1 | tee {log}"
+            " --data-dir {params.data_dir} --out-dir {params.out_dir} --parent-run {params.parent} 2>&1 | tee {log}"
         )

@@ -52,7 +52,8 @@ def _stream(url: str, out_path: Path, timeout: float) -> str:
     digest = hashlib.sha256()
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     with urllib.request.urlopen(request, timeout=timeout) as response, open(out_path, "wb") as out:
-        with _progress_bar(response.length, url) as bar:
+        size = response.headers.get("Content-Length")  # file:// responses have headers but no .length
+        with _progress_bar(int(size) if size else None, url) as bar:
             while chunk := response.read(CHUNK_BYTES):
                 out.write(chunk)
                 digest.update(chunk)

@@ -1,0 +1,94 @@
+"""P2: what does the pipeline's training step cost over a bare PyTorch loop on the same model and batches?
+
+Pipeline: hpcdl.loop.fit on one rank with the default backend, everything on: uint8 gather + normalisation,
+backend wrapper, loss scaling, metric accumulation, per-epoch validation, checkpoint and MLflow logging (SQLite).
+Bare: the textbook loop over the same shuffled batches, already normalised in memory, no metrics, no logging.
+Prints both throughputs measured in one run and the ratios: step throughput (the target, >= 0.95x) and whole
+epochs including the per-epoch validation/checkpoint/MLflow work (informational)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import torch
+import torch.nn.functional as F
+
+from hpcdl.checkpoint import CheckpointStore
+from hpcdl.data.prepare import load_split, write_dataset
+from hpcdl.data.sources import fetch_source, load_raw
+from hpcdl.loop import Normaliser, PhaseSpec, Split, epoch_shard, fit
+from hpcdl.models import build_model
+from hpcdl.optim import build_optimizer, build_schedule
+from hpcdl.stage_runtime import MlflowEpochReporter, start_backend
+
+TARGET = 0.95
+BATCH = 64
+
+
+def bare_loop(x: torch.Tensor, y: torch.Tensor, epochs: int) -> float:
+    """samples/s of PyTorch's canonical loop (same model, optimizer, batches)."""
+    torch.manual_seed(0)
+    model = build_model("lenet5", in_channels=1, image_size=28, num_classes=10)
+    optimizer = build_optimizer("sgd", model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    model.train()
+    seen, started = 0, time.perf_counter()
+    for epoch in range(epochs):
+        order = torch.from_numpy(epoch_shard(len(y), epoch, seed=0, rank=0, world=1))
+        for start in range(0, len(order), BATCH):
+            index = order[start : start + BATCH]
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x[index]), y[index])
+            loss.backward()
+            optimizer.step()
+            seen += len(index)
+    return seen / (time.perf_counter() - started)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--check", action="store_true", help=f"exit 1 if the step ratio is below {TARGET}")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        provenance = fetch_source({"source": "mnist5k"}, root / "raw")
+        images, labels, classes = load_raw(root / "raw")
+        manifest = write_dataset(root / "data", images, labels, classes, image_size=28, channels=1, val_fraction=0.05, test_fraction=0.15, seed=0, provenance=provenance)
+        train, val = (Split(*load_split(root / "data", s)) for s in ("train", "val"))
+        normalise = Normaliser(manifest["mean"], manifest["std"])
+
+        backend, device = start_backend("horovod", 1)
+        mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+        torch.manual_seed(0)
+        model = build_model("lenet5", in_channels=1, image_size=28, num_classes=10)
+        spec = PhaseSpec("bench", args.epochs, BATCH, seed=0)
+        started = time.perf_counter()
+        with mlflow.start_run():
+            _, history = fit(
+                model=model, backend=backend, device=device,
+                make_optimizer=lambda p: build_optimizer("sgd", p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
+                make_scheduler=lambda o, steps: build_schedule(o, world_size=1, warmup_steps=0, total_steps=args.epochs * steps, schedule="cosine"),
+                train=train, val=val, normalise=normalise, spec=spec, store=CheckpointStore(root / "ckpt.pt", "bench"), resume=None,
+                reporter=MlflowEpochReporter(),
+            )
+        whole = len(train) * args.epochs / (time.perf_counter() - started)
+        pipeline_steps = sum(len(train) for _ in history) / sum(len(train) / e["samples_per_second"] for e in history)
+        bare = bare_loop(normalise(train.x[:]), torch.from_numpy(train.y[:]), args.epochs)
+        backend.shutdown()
+
+    print(f"mnist5k train split {len(train)} images, lenet5, batch {BATCH}, 1 rank x 1 thread, {args.epochs} epochs")
+    print(f"bare PyTorch loop:                  {bare:9,.0f} samples/s")
+    print(f"pipeline train steps:               {pipeline_steps:9,.0f} samples/s")
+    print(f"pipeline whole epochs (+val/ckpt/MLflow): {whole:9,.0f} samples/s")
+    print(f"P2 step throughput ratio: {pipeline_steps / bare:.3f}x (target >= {TARGET}x); whole-epoch ratio {whole / bare:.3f}x")
+    return 1 if args.check and pipeline_steps / bare < TARGET else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

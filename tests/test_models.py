@@ -1,0 +1,40 @@
+"""Every configurable model builds for grey and colour inputs of the supported sizes, exposes `features` and
+`head` for fine-tuning, and trains under bf16 autocast on the CPU; fp16 is refused off-GPU with a clear error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import mpirun, train_args, train_config
+from hpcdl.loop import autocast_context
+from hpcdl.models import MODEL_NAMES, build_model, replace_head, set_backbone_trainable
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize(("channels", "size"), [(1, 28), (3, 32), (1, 16)])
+def test_model_maps_a_batch_to_class_logits(name, channels, size):
+    model = build_model(name, in_channels=channels, image_size=size, num_classes=7).eval()
+    assert model(torch.zeros(2, channels, size, size)).shape == (2, 7)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_head_swap_and_freezing_touch_only_what_fine_tuning_needs(name):
+    model = replace_head(build_model(name, in_channels=1, image_size=28, num_classes=10), 4)
+    set_backbone_trainable(model, False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("head.") for n in trainable)
+    assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 4)
+
+
+def test_fp16_off_gpu_is_refused_by_name():
+    with pytest.raises(ValueError, match="train.precision: fp16 needs a GPU"):
+        autocast_context("fp16", torch.device("cpu"))
+
+
+def test_bf16_training_runs_and_learns(data_copy, tmp_path):
+    mpirun(1, "hpcdl.train", train_args(tmp_path, data_copy, tmp_path / "out", train_config(ranks=1, epochs=3, precision="bf16", augment=[])))
+    history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
+    assert history[-1]["loss"] < history[0]["loss"]
