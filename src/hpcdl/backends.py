@@ -160,7 +160,9 @@ class HorovodBackend(Backend):
         return self.hvd.allreduce(tensor, op=self.hvd.Sum)
 
     def broadcast_object(self, obj, root=0):
-        return self.hvd.broadcast_object(obj, root_rank=root)
+        # Horovod names the collective after type(obj) unless told: rank 0 sending a checkpoint dict while
+        # the others pass None would then never match (a silent stall). One fixed name: calls are sequential.
+        return self.hvd.broadcast_object(obj, root_rank=root, name="hpcdl.broadcast_object")
 
     def barrier(self):
         self.hvd.barrier()
