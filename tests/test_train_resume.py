@@ -3,6 +3,7 @@ of an uninterrupted one (CPU, same world size), continuing the same MLflow run."
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -11,10 +12,11 @@ import sys
 import time
 
 import mlflow
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, mpi_env, mpirun, tracking, train_args, train_config
+from conftest import REPO, mpi_env, mpirun, require_or_fail, tracking, train_args, train_config
 
 EPOCHS = 10
 
@@ -37,8 +39,11 @@ def assert_same_weights(a, b):
         assert torch.equal(sa[key], sb[key]), f"weights differ at {key}"
 
 
-def test_sigkill_mid_epoch_then_rerun_resumes_to_identical_weights(data_copy, tmp_path):
-    cfg = small_config()
+@pytest.mark.parametrize("backend", ["horovod", "torch"])
+def test_sigkill_mid_epoch_then_rerun_resumes_to_identical_weights(data_copy, tmp_path, backend):
+    if backend == "horovod":
+        require_or_fail(importlib.util.find_spec("horovod") is not None, "horovod is not built (scripts/build-horovod.sh)")
+    cfg = small_config(backend=backend)
     mpirun(2, "hpcdl.train", train_args(tmp_path, data_copy, tmp_path / "straight", cfg))
 
     out = tmp_path / "killed"
