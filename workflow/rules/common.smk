@@ -2,6 +2,7 @@
 import json
 import os
 import shlex
+import subprocess
 import sys
 
 RESULTS = config["results"].rstrip("/")
@@ -49,14 +50,15 @@ def split_files(role):
 def open_parent_run():
     """onstart: open the parent run with the whole config as params (runs on the submitting host)."""
     os.makedirs(os.path.dirname(PARENT_LOG), exist_ok=True)
-    stage = stage_params(config=config)
-    shell(f"{PYTHON} -m hpcdl.mlflow_parent open --params {shlex.quote(stage)} --out {PARENT_RUN} > {PARENT_LOG} 2>&1")
+    with open(PARENT_LOG, "w") as log:
+        command = [*shlex.split(PYTHON), "-m", "hpcdl.mlflow_parent", "open", "--params", stage_params(config=config), "--out", PARENT_RUN]
+        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
 
 
 def close_parent_run(status):
     """onsuccess/onerror: mark this invocation's parent run finished or failed (no-op if none was opened)."""
     if os.path.exists(PARENT_LOG):
-        shell(f"{PYTHON} -m hpcdl.mlflow_parent close --log {PARENT_LOG} --status {status} || true")
+        subprocess.run([*shlex.split(PYTHON), "-m", "hpcdl.mlflow_parent", "close", "--log", PARENT_LOG, "--status", status])
 
 
 def finetune_init_file(wildcards):
