@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytest_plugins = ["data_fixtures"]  # the local HTTP server and format writers of the data tests
+pytest_plugins = ["data_fixtures", "slurm_fixtures"]  # the data tests' HTTP server and writers; the Slurm test cluster
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())

@@ -69,8 +69,8 @@ def main(argv=None) -> int:
     ft, tr = args.params["finetune"], args.params["train"]
     if ft["epochs_frozen"] + ft["epochs_unfrozen"] < 1:
         raise ValueError("finetune.epochs_frozen + finetune.epochs_unfrozen must be at least 1")
+    stop = StopRequest()  # first: a walltime signal during start-up must not kill the rank
     backend, device = start_backend(tr["backend"], ft["threads_per_rank"], tr.get("compression", "none"))
-    stop = StopRequest()
     manifest, splits, normalise = load_data(args.data_dir)
     torch.manual_seed(ft["seed"])
     model, arch, lineage = pretrained_model(ft["init"], args.init, manifest)

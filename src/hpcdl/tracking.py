@@ -74,9 +74,24 @@ SLURM_TAGS = {
 }
 
 
+SCONTROL_FIELDS = {"slurm.job_name": "JobName", "slurm.partition": "Partition", "slurm.nodelist": "NodeList",
+                   "slurm.ntasks": "NumTasks", "slurm.cpus_per_task": "CPUs/Task"}
+
+
 def slurm_tags() -> dict:
-    """Where the stage ran under Slurm, so a user can go from a run in the UI to `sacct -j <job id>`."""
-    return {tag: os.environ[var] for tag, var in SLURM_TAGS.items() if var in os.environ}
+    """Where the stage ran under Slurm, so a user can go from a run in the UI to `sacct -j <job id>`.
+
+    Inside a job step the environment describes the step (srun names it after the program, and the jobstep
+    executor strips most SLURM_* variables), so the job's own record from `scontrol show job` wins."""
+    tags = {tag: os.environ[var] for tag, var in SLURM_TAGS.items() if var in os.environ}
+    if "slurm.job_id" in tags:
+        try:
+            line = subprocess.run(["scontrol", "show", "job", "--oneliner", tags["slurm.job_id"]], capture_output=True, text=True, timeout=10, check=True).stdout
+        except (OSError, subprocess.SubprocessError):
+            return tags
+        fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
+        tags.update({tag: fields[key] for tag, key in SCONTROL_FIELDS.items() if fields.get(key)})
+    return tags
 
 
 def runtime_tags(stage: str, **extra) -> dict:

@@ -40,8 +40,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out-dir", required=True, type=Path)
     args = parser.parse_args(argv)
     cfg = args.params["train"]
+    stop = StopRequest()  # first: a walltime signal during start-up must not kill the rank
     backend, device = start_backend(cfg["backend"], cfg["threads_per_rank"], cfg.get("compression", "none"))
-    stop = StopRequest()
     manifest, splits, normalise = load_data(args.data_dir)
     checkpoint_dir = args.out_dir / "checkpoints"
     digest = config_digest({"train": cfg, "data": manifest["files"]})

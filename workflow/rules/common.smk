@@ -47,6 +47,15 @@ def split_files(role):
     }
 
 
+def mpi_launch(resources):
+    """The command that starts a rule's ranks: `{mpi} -n {tasks}`; srun also gets --cpus-per-task, which an srun
+    inside an allocation does not inherit (Slurm >= 22.05), so each rank keeps its threads_per_rank CPUs."""
+    launcher = f"{resources.mpi} -n {resources.tasks}"
+    if resources.mpi.split()[0] == "srun":
+        launcher += f" --cpus-per-task={resources.cpus_per_task}"
+    return launcher
+
+
 def open_parent_run():
     """onstart: open the parent run with the whole config as params (runs on the submitting host)."""
     os.makedirs(os.path.dirname(PARENT_LOG), exist_ok=True)

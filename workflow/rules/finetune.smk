@@ -16,6 +16,7 @@ rule finetune:
         f"{RESULTS}/logs/finetune.log",
     params:
         python=PYTHON,
+        launch=lambda wildcards, resources: mpi_launch(resources),
         parent=PARENT_RUN,
         stage=lambda wildcards: stage_params(
             finetune=config["finetune"],
@@ -34,7 +35,7 @@ rule finetune:
     # ranks enter the image themselves); a container directive would wrap mpirun/srun inside the image.
     run:
         shell(
-            "{resources.mpi} -n {resources.tasks} {params.python} -m hpcdl.finetune --params {params.stage:q}"
+            "{params.launch} {params.python} -m hpcdl.finetune --params {params.stage:q}"
             " --init {input.init} --data-dir {params.data_dir} --out-dir {params.out_dir}"
             " --parent-run {params.parent} 2>&1 | tee {log}"
         )

@@ -11,6 +11,7 @@ rule train:
         f"{RESULTS}/logs/train.log",
     params:
         python=PYTHON,
+        launch=lambda wildcards, resources: mpi_launch(resources),
         parent=PARENT_RUN,
         stage=lambda wildcards: stage_params(train=config["train"]),
         data_dir=lambda wildcards, input: os.path.dirname(input.manifest),
@@ -27,6 +28,6 @@ rule train:
     # ranks enter the image themselves); a container directive would wrap mpirun/srun inside the image.
     run:
         shell(
-            "{resources.mpi} -n {resources.tasks} {params.python} -m hpcdl.train --params {params.stage:q}"
+            "{params.launch} {params.python} -m hpcdl.train --params {params.stage:q}"
             " --data-dir {params.data_dir} --out-dir {params.out_dir} --parent-run {params.parent} 2>&1 | tee {log}"
         )
