@@ -28,7 +28,7 @@ def mpi_env(**extra) -> dict:
 
 def mpirun(ranks: int, module: str, args: list[str], *, timeout: float = 300, check: bool = True, **popen) -> subprocess.CompletedProcess:
     """`mpirun -n ranks python -m module args`: the launch the MPI rules make."""
-    command = ["mpirun", "--bind-to", "none", "-n", str(ranks), sys.executable, "-m", module, *args]
+    command = ["mpirun", "--bind-to", "none", "--mca", "mpi_yield_when_idle", "1", "-n", str(ranks), sys.executable, "-m", module, *args]
     result = subprocess.run(command, env=mpi_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO, **popen)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command[:8])} ... exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")

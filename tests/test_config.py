@@ -30,7 +30,7 @@ def test_default_config_plans_every_stage(tmp_path):
     assert result.returncode == 0, output
     for rule in ("fetch", "preprocess", "train", "evaluate", "finetune"):
         assert f"rule {rule}:" in output, rule
-    assert "mpi=mpirun --bind-to none, tasks=2" in output, "training runs as 2 MPI ranks by default"
+    assert "mpi=mpirun --bind-to none --mca mpi_yield_when_idle 1, tasks=2" in output, "training runs as 2 MPI ranks by default"
     assert not (tmp_path / "results").exists(), "a dry run writes nothing"
 
 

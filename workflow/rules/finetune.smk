@@ -26,7 +26,7 @@ rule finetune:
         out_dir=lambda wildcards, output: os.path.dirname(output.model),
     threads: config["finetune"]["ranks"] * config["finetune"]["threads_per_rank"]
     resources:
-        mpi="mpirun --bind-to none",
+        mpi="mpirun --bind-to none --mca mpi_yield_when_idle 1",
         tasks=config["finetune"]["ranks"],
         cpus_per_task=config["finetune"]["threads_per_rank"],
         mem_mb_per_cpu=2000,

@@ -18,8 +18,10 @@ rule train:
         out_dir=lambda wildcards, output: os.path.dirname(output.model),
     threads: config["train"]["ranks"] * config["train"]["threads_per_rank"]
     resources:
-        # The launcher of the ranks: profiles set it to "srun --mpi=pmix" on Slurm.
-        mpi="mpirun --bind-to none",
+        # The launcher of the ranks: profiles set it to "srun --mpi=pmix" on Slurm. Locally ranks share the cores
+        # with Horovod's and gloo's helper threads, so MPI yields while it waits (P3: weak-scaling efficiency
+        # 0.58-0.67 -> 0.81 on 2 cores).
+        mpi="mpirun --bind-to none --mca mpi_yield_when_idle 1",
         tasks=config["train"]["ranks"],
         cpus_per_task=config["train"]["threads_per_rank"],
         mem_mb_per_cpu=2000,
