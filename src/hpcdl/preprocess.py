@@ -4,7 +4,6 @@ sha256 of every file, provenance)."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import mlflow
 from hpcdl import tracking
 from hpcdl.cli import stage_parser
 from hpcdl.data.prepare import SPLITS, load_split, write_dataset
-from hpcdl.data.sources import FETCH_RECORD, load_raw
+from hpcdl.data.sources import load_raw, read_fetch_record
 
 
 def main(argv=None) -> int:
@@ -25,7 +24,7 @@ def main(argv=None) -> int:
     tags = tracking.runtime_tags("preprocess", role=params["role"])
     with tracking.stage_run(params["mlflow"], stage="preprocess", parent_run_file=args.parent_run, tags=tags):
         images, labels, classes = load_raw(args.raw_dir)
-        provenance = json.loads((args.raw_dir / FETCH_RECORD).read_text())
+        provenance = read_fetch_record(args.raw_dir)
         manifest = write_dataset(
             args.out_dir, images, labels, classes,
             image_size=data["image_size"], channels=data["channels"], val_fraction=data["val_fraction"],

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from sklearn.model_selection import train_test_split
 
-from hpcdl.atomic import atomic_output
+from hpcdl.atomic import atomic_output, atomic_write_json
 from hpcdl.data.download import ChecksumError, sha256_file
 from hpcdl.data.formats import DataError
 
@@ -137,8 +137,7 @@ def write_dataset(out_dir: Path, images, labels, classes, *, image_size, channel
         "params": {"image_size": image_size, "channels": channels, "val_fraction": val_fraction,
                    "test_fraction": test_fraction, "seed": seed},
     }
-    with atomic_output(out_dir / MANIFEST) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    atomic_write_json(out_dir / MANIFEST, manifest)
     return manifest
 
 

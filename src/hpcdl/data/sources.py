@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcdl.atomic import atomic_output
+from hpcdl.atomic import atomic_output, atomic_write_json
 from hpcdl.data.download import ChecksumError, download, sha256_file
 from hpcdl.data.formats import (DataError, read_cifar10_tarball, read_idx_pair, read_images, read_pixel_csv,
                                 scan_imagefolder)
@@ -196,8 +196,7 @@ def fetch_source(source_cfg: dict, raw_dir: Path, mirror: str | None = None) -> 
     record = raw_dir / FETCH_RECORD
     record.unlink(missing_ok=True)  # an interrupted re-fetch must not look complete
     provenance = {"source": name, **source.fetch(source_cfg, raw_dir, mirror)}
-    with atomic_output(record) as tmp:
-        tmp.write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(record, provenance)
     return provenance
 
 
