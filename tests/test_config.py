@@ -61,3 +61,12 @@ def test_bad_config_is_rejected_before_any_job_naming_the_key(tmp_path, override
 def test_workflow_passes_snakemake_lint():
     result = subprocess.run([SNAKEMAKE, "--lint"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_torchvision_init_plans_a_verified_weights_fetch(tmp_path):
+    override = {"finetune": {"init": "torchvision:resnet18", "weights": {"path": "/data/resnet18.pth", "sha256": "a" * 64}}}
+    result, output = dry_run(tmp_path, override)
+    assert result.returncode == 0, output
+    assert "rule fetch_weights:" in output and "--weights-out" in output
+    finetune = output[output.index("rule finetune:"):]
+    assert "raw/weights/resnet18.pth" in finetune.split("output:")[0], "finetune starts from the fetched weights"
