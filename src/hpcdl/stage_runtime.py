@@ -92,11 +92,12 @@ class MlflowEpochReporter(EpochReporter):
     def __init__(self, prefix: str = "", step_offset: int = 0):
         self.prefix = prefix
         self.step_offset = step_offset
+        self.epoch_seconds: list[float] = []
 
     def on_epoch(self, phase: PhaseSpec, epoch: int, metrics: dict) -> None:
         # ETA from the mean time of the epochs run so far in this phase (restarts count from the resume point).
-        self._seconds = getattr(self, "_seconds", []) + [metrics["epoch_seconds"]]
-        left = (phase.epochs - epoch - 1) * float(np.mean(self._seconds))
+        self.epoch_seconds.append(metrics["epoch_seconds"])
+        left = (phase.epochs - epoch - 1) * float(np.mean(self.epoch_seconds))
         print(epoch_line(phase.name, epoch, phase.epochs, metrics, left), flush=True)
         mlflow.log_metrics({f"{self.prefix}{k}": v for k, v in metrics.items()}, step=self.step_offset + epoch)
 

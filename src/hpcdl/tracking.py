@@ -7,6 +7,7 @@ same run and its metric histories."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import socket
@@ -20,6 +21,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 import hpcdl
+from hpcdl.atomic import atomic_write_json
 
 
 def configure(mlflow_cfg: dict) -> str:
@@ -171,13 +173,9 @@ def resumable_run_id(checkpoint_dir: Path, digest: str) -> str | None:
     path = Path(checkpoint_dir) / "mlflow_run.json"
     if not path.exists():
         return None
-    import json
-
     saved = json.loads(path.read_text())
     return saved["run_id"] if saved.get("digest") == digest else None
 
 
 def remember_run_id(checkpoint_dir: Path, digest: str, run_id: str) -> None:
-    from hpcdl.atomic import atomic_write_json
-
     atomic_write_json(Path(checkpoint_dir) / "mlflow_run.json", {"run_id": run_id, "digest": digest})
