@@ -18,7 +18,10 @@
 #   (apt-get install -y g++ cmake make patch libopenmpi-dev openmpi-bin); in the target env:
 #   torch, setuptools>=70.1, packaging, cloudpickle, psutil, pyyaml; gpu: nvcc (CUDA toolkit).
 # Cache: ${HPCDL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hpcdl}/wheels/<key>/horovod-*.whl
-#   key = horovod-<ver>_torch-<torch ver>_<python tag>_<cpu|gpu>_patch-<sha256[:16] of patch>
+#   key = horovod-<ver>_torch-<torch ver>_<python tag>_<cpu|gpu>_<MPI>_patch-<sha256[:16] of patch>
+#   (<MPI>: the MPI library the wheel links, e.g. ompi-4.1.4, so a wheel built on a host with another MPI, or
+#   in an image with another one, is never reused. The Apptainer image build shares this cache when
+#   containers/build-image.sh is given HPCDL_CACHE.)
 set -euo pipefail
 
 HVD_VERSION=0.28.1
@@ -55,7 +58,9 @@ if [[ $FLAVOUR == auto ]]; then
   fi
 fi
 PATCH_SHA=$(sha256sum "$PATCH" | cut -c1-16)
-KEY=horovod-${HVD_VERSION}_torch-${TORCH_VERSION}_${PYTAG}_${FLAVOUR}_patch-${PATCH_SHA}
+MPI_TAG=$(mpirun --version 2>/dev/null | sed -n '1s/^mpirun (Open MPI) \([0-9.]*\).*/ompi-\1/p')
+[[ -n $MPI_TAG ]] || { echo "Open MPI's mpirun not found (apt-get install openmpi-bin libopenmpi-dev)" >&2; exit 1; }
+KEY=horovod-${HVD_VERSION}_torch-${TORCH_VERSION}_${PYTAG}_${FLAVOUR}_${MPI_TAG}_patch-${PATCH_SHA}
 CACHE_DIR=${HPCDL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hpcdl}/wheels/$KEY
 log "python=$PY torch=$TORCH_VERSION flavour=$FLAVOUR"
 log "cache dir: $CACHE_DIR"

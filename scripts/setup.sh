@@ -30,7 +30,7 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
     exit 1
 fi
 
-inputs=(requirements.txt requirements.lock pyproject.toml scripts/setup.sh scripts/build-horovod.sh scripts/horovod-0.28.1-torch2.14.patch)
+inputs=(requirements.txt requirements-runtime.txt requirements.lock pyproject.toml scripts/setup.sh scripts/build-horovod.sh scripts/horovod-0.28.1-torch2.14.patch)
 stamp=$(cat "${inputs[@]}" | sha256sum | cut -c1-16)
 if [[ -x .venv/bin/python && $(cat .venv/.hpcdl-setup 2>/dev/null) == "$stamp" ]]; then
     exit 0
