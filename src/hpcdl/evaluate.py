@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     model, record = load_model_file(args.model)
     manifest, splits, normalise = load_data(args.data_dir)
-    with tracking.stage_run(args.params["mlflow"], stage="evaluate", parent_run_file=args.parent_run, tags=tracking.runtime_tags("evaluate", world_size=1)) as run:
+    with tracking.stage_run(args.params["mlflow"], stage="evaluate", parent_run_file=args.parent_run, tags=tracking.runtime_tags("evaluate", image_record=args.params.get("image_record"), world_size=1)) as run:
         tracking.print_where(args.params["mlflow"], run)
         mlflow.set_tags({"hpcdl.model_run_id": record.get("mlflow_run_id"), "hpcdl.model_uri": record.get("model_uri")})
         mlflow.log_params({"model.arch": record["arch"], "model.uri": record.get("model_uri")})

@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     params = args.params
     stage = "fetch_weights" if args.weights_out else "fetch"
-    tags = tracking.runtime_tags(stage, role=params.get("role"), arch=params.get("arch"))
+    tags = tracking.runtime_tags(stage, image_record=params.get("image_record"), role=params.get("role"), arch=params.get("arch"))
     with tracking.stage_run(params["mlflow"], stage=stage, parent_run_file=args.parent_run, tags=tags) as run:
         if args.weights_out:
             path = fetch_weights(params["weights"], args.weights_out)

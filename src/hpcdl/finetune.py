@@ -97,7 +97,7 @@ def main(argv=None) -> int:
         return trained, history
 
     run_id = tracking.resumable_run_id(checkpoint_dir, digest) if backend.is_root else None
-    with run_context(backend, args.params["mlflow"], stage="finetune", parent_run_file=args.parent_run, run_id=run_id, tags=stage_tags("finetune", backend)) as run:
+    with run_context(backend, args.params["mlflow"], stage="finetune", parent_run_file=args.parent_run, run_id=run_id, tags=stage_tags("finetune", backend, image_record=args.params.get("image_record"))) as run:
         if backend.is_root:
             tracking.remember_run_id(checkpoint_dir, digest, run.info.run_id)
             tracking.print_where(args.params["mlflow"], run)

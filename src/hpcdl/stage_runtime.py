@@ -156,5 +156,5 @@ def log_model(model, *, registered_name: str, example: np.ndarray):
     )
 
 
-def stage_tags(stage: str, backend: Backend, **extra) -> dict:
-    return tracking.runtime_tags(stage, world_size=backend.size, backend=backend.name, **extra)
+def stage_tags(stage: str, backend: Backend, image_record=None, **extra) -> dict:
+    return tracking.runtime_tags(stage, image_record=image_record, world_size=backend.size, backend=backend.name, **extra)

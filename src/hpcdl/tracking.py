@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import socket
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -22,6 +21,8 @@ from mlflow.tracking import MlflowClient
 
 import hpcdl
 from hpcdl.atomic import atomic_write_json
+from hpcdl.checkout import git_state
+from hpcdl.slurm_job import slurm_tags
 
 
 def configure(mlflow_cfg: dict) -> str:
@@ -53,54 +54,45 @@ def runs_url(mlflow_cfg: dict, experiment_id: str) -> str:
     return f"{base}/#/experiments/{experiment_id}/runs"
 
 
-def git_state() -> dict:
-    """Commit and dirty flag of the workflow checkout (the current directory), 'unknown' outside git."""
-    def git(*args):
-        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-        return {"git.commit": commit, "git.dirty": str(dirty).lower()}
-    except (OSError, subprocess.SubprocessError):
-        return {"git.commit": os.environ.get("HPCDL_GIT_COMMIT", "unknown"), "git.dirty": "unknown"}
+IMAGE_BUILD_INFO = Path("/opt/hpcdl/build-info.json")  # written by containers/hpcdl.def
 
 
-SLURM_TAGS = {
-    "slurm.job_id": "SLURM_JOB_ID",
-    "slurm.job_name": "SLURM_JOB_NAME",
-    "slurm.partition": "SLURM_JOB_PARTITION",
-    "slurm.nodelist": "SLURM_JOB_NODELIST",
-    "slurm.ntasks": "SLURM_NTASKS",
-    "slurm.cpus_per_task": "SLURM_CPUS_PER_TASK",
-}
+def container_tags(image_record) -> dict:
+    """Which Apptainer image the stage ran in: path, sha256 and apptainer version from the record the
+    `record_image` rule wrote on the host, plus the project version and commit built into the image.
+
+    The record says the workflow runs the stages in containers; a stage that is not inside that image (no
+    APPTAINER_CONTAINER, no /.singularity.d, or another image) stops here rather than tag a run with an image that
+    did not produce it."""
+    if image_record is None:  # the stages run on the host
+        return {}
+    record = json.loads(Path(image_record).read_text())
+    image = os.environ.get("APPTAINER_CONTAINER")
+    if not image or not Path("/.singularity.d").is_dir():
+        raise RuntimeError(
+            f"{image_record} says the stages run in the Apptainer image {record['image']}, but this process is not "
+            "inside an Apptainer container (APPTAINER_CONTAINER is unset or /.singularity.d is missing)"
+        )
+    if os.path.normpath(image) != os.path.normpath(record["image"]):
+        raise RuntimeError(f"this stage runs in the image {image}, but {image_record} records {record['image']}")
+    build = json.loads(IMAGE_BUILD_INFO.read_text()) if IMAGE_BUILD_INFO.is_file() else {}
+    return {
+        "hpcdl.container": "apptainer",
+        "hpcdl.image.path": record["image"],
+        "hpcdl.image.sha256": record["sha256"],
+        "hpcdl.image.version": build.get("version", "unknown"),
+        "hpcdl.image.git_commit": build.get("git_commit", "unknown"),
+        "apptainer.version": record["apptainer"],
+    }
 
 
-SCONTROL_FIELDS = {"slurm.job_name": "JobName", "slurm.partition": "Partition", "slurm.nodelist": "NodeList",
-                   "slurm.ntasks": "NumTasks", "slurm.cpus_per_task": "CPUs/Task"}
-
-
-def slurm_tags() -> dict:
-    """Where the stage ran under Slurm, so a user can go from a run in the UI to `sacct -j <job id>`.
-
-    Inside a job step the environment describes the step (srun names it after the program, and the jobstep
-    executor strips most SLURM_* variables), so the job's own record from `scontrol show job` wins."""
-    tags = {tag: os.environ[var] for tag, var in SLURM_TAGS.items() if var in os.environ}
-    if "slurm.job_id" in tags:
-        try:
-            line = subprocess.run(["scontrol", "show", "job", "--oneliner", tags["slurm.job_id"]], capture_output=True, text=True, timeout=10, check=True).stdout
-        except (OSError, subprocess.SubprocessError):
-            return tags
-        fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
-        tags.update({tag: fields[key] for tag, key in SCONTROL_FIELDS.items() if fields.get(key)})
-    return tags
-
-
-def runtime_tags(stage: str, **extra) -> dict:
-    """Tags that let a user reproduce and locate a run: code version, where and how it ran."""
+def runtime_tags(stage: str, image_record=None, **extra) -> dict:
+    """Tags that let a user reproduce and locate a run: code version, where and how it ran, and in which image
+    (image_record: the `record_image` rule's JSON when the stages run in Apptainer, else None)."""
     import torch
 
     tags = {
+        **container_tags(image_record),
         "snakemake.rule": stage,
         "hostname": socket.gethostname(),
         "hpcdl.version": hpcdl.__version__,

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         return build_schedule(optimizer, world_size=world, warmup_steps=cfg["warmup_epochs"] * steps_per_epoch, total_steps=cfg["epochs"] * steps_per_epoch, schedule=cfg["schedule"])
 
     run_id = tracking.resumable_run_id(checkpoint_dir, digest) if backend.is_root else None
-    with run_context(backend, args.params["mlflow"], stage="train", parent_run_file=args.parent_run, run_id=run_id, tags=stage_tags("train", backend)) as run:
+    with run_context(backend, args.params["mlflow"], stage="train", parent_run_file=args.parent_run, run_id=run_id, tags=stage_tags("train", backend, image_record=args.params.get("image_record"))) as run:
         if backend.is_root:
             tracking.remember_run_id(checkpoint_dir, digest, run.info.run_id)
             tracking.print_where(args.params["mlflow"], run)

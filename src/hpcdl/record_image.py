@@ -1,0 +1,66 @@
+"""Rule `record_image` (on the submitting host, when the stages run in Apptainer): check the image against the
+sha256 its build wrote beside it and record image path, digest and apptainer version in one small JSON under the
+results folder. Every stage reads it (inside the container, where neither the image's folder nor apptainer are
+visible) and tags its MLflow run with it, after checking that it really runs inside that image
+(hpcdl.tracking.container_tags)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+from hpcdl.atomic import atomic_write_json
+
+CHUNK = 16 << 20
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_digest_file(path: Path, image: Path) -> str:
+    """The sha256 from a `sha256sum` line ("<hex>  <name>") written by containers/build-image.sh."""
+    fields = path.read_text().split()
+    if len(fields) != 2 or len(fields[0]) != 64 or fields[1] != image.name:
+        raise SystemExit(f"record_image: {path} is not a sha256sum line for {image.name}: {path.read_text()!r}")
+    return fields[0]
+
+
+def apptainer_version(binary: str) -> str:
+    """`apptainer --version` prints 'apptainer version 1.4.5'; the version is the last word."""
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout.split()
+    return out[-1]
+
+
+def record(image: Path, digest_file: Path, binary: str) -> dict:
+    expected = read_digest_file(digest_file, image)
+    actual = file_sha256(image)
+    if actual != expected:
+        raise SystemExit(
+            f"record_image: {image} has sha256 {actual}, but {digest_file} says {expected}: the image changed after "
+            "its build. Rebuild it (snakemake build_images) rather than run stages from an image nobody can name."
+        )
+    return {"image": str(image.resolve()), "sha256": actual, "apptainer": apptainer_version(binary)}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--image", type=Path, required=True)
+    parser.add_argument("--digest", type=Path, required=True, help="the image's .sha256 file")
+    parser.add_argument("--apptainer", default="apptainer", help="apptainer binary Snakemake runs")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    info = record(args.image, args.digest, args.apptainer)
+    atomic_write_json(args.out, info)
+    print(f"record_image: {info['image']} sha256 {info['sha256']} (apptainer {info['apptainer']})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
