@@ -13,6 +13,7 @@ validate(config, "workflow/schemas/config.schema.yaml")
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/containers.smk"
 include: "workflow/rules/fetch.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/train.smk"

@@ -1,24 +1,58 @@
 # Names and helpers shared by workflow/rules/*.smk: paths, the stage interpreter, the per-stage parameter JSON.
+import glob
 import json
 import os
 import shlex
 import subprocess
 import sys
 
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
+
+import hpcdl
+from hpcdl.checkout import export_git_state
+from hpcdl.slurm_job import export_slurm_tags
+
 RESULTS = config["results"].rstrip("/")
-# The interpreter that runs the stages: the one running Snakemake (the project's venv) unless overridden,
-# e.g. HPCDL_PYTHON="apptainer exec image.sif python3" once the stages run in containers.
-PYTHON = os.environ.get("HPCDL_PYTHON", sys.executable)
 # The parent MLflow run of this invocation: its id is written here by the onstart handler and read by every
 # stage (a path in params, not an input: a job producing a file that every stage consumes would make Snakemake
 # re-run every stage whenever it runs, so no incremental re-run would be possible).
 PARENT_RUN = f"{RESULTS}/.mlflow_parent_run"
 PARENT_LOG = f"{RESULTS}/logs/mlflow_parent.log"
 ROLES = ("pretrain", "finetune")
-# The Apptainer image of the non-MPI stages, used when Snakemake runs with `--sdm apptainer`. The MPI stages
-# (train, finetune) carry no container directive on purpose: Snakemake would wrap their whole shell, mpirun/srun
-# included, in the container; they launch host MPI around the image themselves.
-CONTAINER = config["container"]
+
+# --- Where the stages run: on the host, or in the Apptainer image (`--sdm apptainer`, as profiles/apptainer and
+# profiles/slurm set) --------------------------------------------------------------------------------------------
+# The onstart/onsuccess hooks and record_image always run on the host, with the interpreter running Snakemake.
+HOST_PYTHON = sys.executable
+IMAGE = config["container"]
+IN_APPTAINER = DeploymentMethod.APPTAINER in workflow.deployment_settings.deployment_method
+# What record_image writes and every stage tags its MLflow run with (image path, sha256, apptainer version).
+IMAGE_RECORD = f"{RESULTS}/container.json"
+if IN_APPTAINER:
+    # Plain rules (fetch, preprocess, evaluate) carry `container: IMAGE`: Snakemake wraps their shell in
+    # `apptainer exec --home <workdir> <apptainer-args> IMAGE`, where `python` is the image's venv.
+    STAGE_PYTHON = "python"
+    # The MPI rules (train, finetune) carry no container directive: Snakemake would wrap their whole shell,
+    # mpirun/srun included, in the image. They start host MPI, and each rank enters the image itself (the
+    # hybrid model), with the same apptainer arguments Snakemake gives the plain rules, plus the host's $TMPDIR:
+    # Open MPI's session directory, which mpirun creates there and its ranks join (with a private /tmp each
+    # rank gives up shared memory and warns).
+    MPI_STAGE_PYTHON = (
+        f"apptainer exec --home {shlex.quote(os.getcwd())} {workflow.deployment_settings.apptainer_args}"
+        f" --bind {shlex.quote(os.environ.get('TMPDIR', '/tmp'))} {shlex.quote(IMAGE)} python"
+    )
+else:
+    STAGE_PYTHON = MPI_STAGE_PYTHON = HOST_PYTHON
+# The image has neither git nor scontrol: the stages read the checkout's commit and their Slurm job's record from
+# the environment the jobs inherit (Snakemake parses this file again inside each Slurm job, on the host).
+export_git_state()
+export_slurm_tags()
+
+
+def image_input():
+    """The image record as an input of every stage (when the stages run in Apptainer), so that a rebuilt image
+    re-runs them (Snakemake's own rule for changed inputs), and nothing on the host."""
+    return {"image_record": IMAGE_RECORD} if IN_APPTAINER else {}
 
 
 wildcard_constraints:
@@ -35,6 +69,8 @@ def stage_params(**sections):
     """JSON handed to a stage module: only the config sections that stage uses (so editing one stage's keys
     re-runs only that stage) plus where to track it."""
     payload = {"mlflow": {"tracking_uri": tracking_uri(), "experiment": config["experiment"]}}
+    if IN_APPTAINER:
+        payload["image_record"] = IMAGE_RECORD
     payload.update(sections)
     return json.dumps(payload, sort_keys=True)
 
@@ -56,18 +92,26 @@ def mpi_launch(resources):
     return launcher
 
 
+# The rules whose jobs log MLflow runs: an invocation without any (`snakemake build_images`) opens no parent run.
+STAGE_RULES = {"fetch", "fetch_weights", "preprocess", "train", "evaluate", "finetune"}
+PARENT_OPENED = []
+
+
 def open_parent_run():
     """onstart: open the parent run with the whole config as params (runs on the submitting host)."""
+    if not any(job.rule.name in STAGE_RULES for job in workflow.dag.needrun_jobs()):
+        return
+    PARENT_OPENED.append(True)
     os.makedirs(os.path.dirname(PARENT_LOG), exist_ok=True)
     with open(PARENT_LOG, "w") as log:
-        command = [*shlex.split(PYTHON), "-m", "hpcdl.mlflow_parent", "open", "--params", stage_params(config=config), "--out", PARENT_RUN]
+        command = [HOST_PYTHON, "-m", "hpcdl.mlflow_parent", "open", "--params", stage_params(config=config), "--out", PARENT_RUN]
         subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
 
 
 def close_parent_run(status):
     """onsuccess/onerror: mark this invocation's parent run finished or failed (no-op if none was opened)."""
-    if os.path.exists(PARENT_LOG):
-        subprocess.run([*shlex.split(PYTHON), "-m", "hpcdl.mlflow_parent", "close", "--log", PARENT_LOG, "--status", status])
+    if PARENT_OPENED and os.path.exists(PARENT_LOG):
+        subprocess.run([HOST_PYTHON, "-m", "hpcdl.mlflow_parent", "close", "--log", PARENT_LOG, "--status", status])
 
 
 def finetune_init_file(wildcards):

@@ -1,6 +1,7 @@
 rule evaluate:
     """Test-split accuracy, loss, per-class precision/recall/F1, confusion matrix and misclassified grid."""
     input:
+        **image_input(),
         model=f"{RESULTS}/train/model.pt",
         manifest=f"{RESULTS}/data/pretrain/manifest.json",
         **split_files("pretrain"),
@@ -17,11 +18,11 @@ rule evaluate:
             category="Evaluation",
         ),
     container:
-        CONTAINER
+        IMAGE
     log:
         f"{RESULTS}/logs/evaluate.log",
     params:
-        python=PYTHON,
+        python=STAGE_PYTHON,
         parent=PARENT_RUN,
         stage=lambda wildcards: stage_params(),
         data_dir=lambda wildcards, input: os.path.dirname(input.manifest),

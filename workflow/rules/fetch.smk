@@ -5,14 +5,16 @@ localrules:
 
 rule fetch:
     """Copy an embedded dataset or download one (sha256-verified). Local: login nodes have internet."""
+    input:
+        **image_input(),
     output:
         f"{RESULTS}/raw/{{role}}/fetch.json",
     container:
-        CONTAINER
+        IMAGE
     log:
         f"{RESULTS}/logs/fetch_{{role}}.log",
     params:
-        python=PYTHON,
+        python=STAGE_PYTHON,
         parent=PARENT_RUN,
         stage=lambda wildcards: stage_params(
             role=wildcards.role,
@@ -27,14 +29,16 @@ rule fetch:
 
 rule fetch_weights:
     """Download (or copy) the torchvision weights named by finetune.init/finetune.weights, sha256-verified."""
+    input:
+        **image_input(),
     output:
         f"{RESULTS}/raw/weights/{{arch}}.pth",
     container:
-        CONTAINER
+        IMAGE
     log:
         f"{RESULTS}/logs/fetch_weights_{{arch}}.log",
     params:
-        python=PYTHON,
+        python=STAGE_PYTHON,
         parent=PARENT_RUN,
         stage=lambda wildcards: stage_params(weights=config["finetune"]["weights"], arch=wildcards.arch),
     shell:

@@ -1,6 +1,7 @@
 rule finetune:
     """Transfer learning: new head, frozen backbone, then everything at a lower LR; optional scratch baseline."""
     input:
+        **image_input(),
         init=finetune_init_file,
         manifest=f"{RESULTS}/data/finetune/manifest.json",
         **split_files("finetune"),
@@ -15,7 +16,7 @@ rule finetune:
     log:
         f"{RESULTS}/logs/finetune.log",
     params:
-        python=PYTHON,
+        python=MPI_STAGE_PYTHON,
         launch=lambda wildcards, resources: mpi_launch(resources),
         parent=PARENT_RUN,
         stage=lambda wildcards: stage_params(
@@ -33,9 +34,10 @@ rule finetune:
         runtime=120,
     # run: + shell() rather than shell: keeps the launcher on the host even under `--sdm apptainer` (the
     # ranks enter the image themselves); a container directive would wrap mpirun/srun inside the image.
+    # set -x: the job's log shows the launch line (launcher, image, arguments).
     run:
         shell(
-            "{params.launch} {params.python} -m hpcdl.finetune --params {params.stage:q}"
+            "set -x; {params.launch} {params.python} -m hpcdl.finetune --params {params.stage:q}"
             " --init {input.init} --data-dir {params.data_dir} --out-dir {params.out_dir}"
             " --parent-run {params.parent} 2>&1 | tee {log}"
         )

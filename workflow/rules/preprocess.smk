@@ -1,16 +1,17 @@
 rule preprocess:
     """Decode once into uint8 (N, C, H, W) arrays per split + manifest.json (stats, sha256, provenance)."""
     input:
+        **image_input(),
         fetched=f"{RESULTS}/raw/{{role}}/fetch.json",
     output:
         **split_files("{role}"),
         manifest=f"{RESULTS}/data/{{role}}/manifest.json",
     container:
-        CONTAINER
+        IMAGE
     log:
         f"{RESULTS}/logs/preprocess_{{role}}.log",
     params:
-        python=PYTHON,
+        python=STAGE_PYTHON,
         parent=PARENT_RUN,
         stage=lambda wildcards: stage_params(
             role=wildcards.role,

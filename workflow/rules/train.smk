@@ -2,6 +2,7 @@ rule train:
     """Data-parallel training: `ranks` MPI ranks (mpirun here; srun --mpi=pmix in the Slurm profiles).
     Rank 0 checkpoints every epoch under train/checkpoints/, so a re-run resumes where a killed one stopped."""
     input:
+        **image_input(),
         manifest=f"{RESULTS}/data/pretrain/manifest.json",
         **split_files("pretrain"),
     output:
@@ -10,7 +11,7 @@ rule train:
     log:
         f"{RESULTS}/logs/train.log",
     params:
-        python=PYTHON,
+        python=MPI_STAGE_PYTHON,
         launch=lambda wildcards, resources: mpi_launch(resources),
         parent=PARENT_RUN,
         stage=lambda wildcards: stage_params(train=config["train"]),
@@ -28,8 +29,9 @@ rule train:
         runtime=120,
     # run: + shell() rather than shell: keeps the launcher on the host even under `--sdm apptainer` (the
     # ranks enter the image themselves); a container directive would wrap mpirun/srun inside the image.
+    # set -x: the job's log shows the launch line (launcher, image, arguments).
     run:
         shell(
-            "{params.launch} {params.python} -m hpcdl.train --params {params.stage:q}"
+            "set -x; {params.launch} {params.python} -m hpcdl.train --params {params.stage:q}"
             " --data-dir {params.data_dir} --out-dir {params.out_dir} --parent-run {params.parent} 2>&1 | tee {log}"
         )
