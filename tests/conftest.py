@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytest_plugins = ["data_fixtures", "slurm_fixtures"]  # the data tests' HTTP server and writers; the Slurm test cluster
+pytest_plugins = ["data_fixtures", "slurm_fixtures", "container_fixtures"]  # HTTP server and writers; Slurm test cluster; Apptainer + image
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())

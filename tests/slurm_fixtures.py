@@ -16,6 +16,7 @@ start of each session and kept afterwards for inspection).
 from __future__ import annotations
 
 import os
+import json
 import re
 import shutil
 import stat
@@ -202,6 +203,23 @@ def chown_tree(root: Path, user: SlurmUser) -> None:
 def run_snakemake(user: SlurmUser, workdir: Path, *args: str, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
     """`snakemake <args>` as the Slurm user in `workdir` (the repository's venv; stdout and stderr captured)."""
     return user.run([SNAKEMAKE, *args], cwd=workdir, env=env, timeout=timeout)
+
+
+MLFLOW_DUMP = """
+import json, sys
+from mlflow.tracking import MlflowClient
+client = MlflowClient(tracking_uri=sys.argv[1])
+experiment = client.get_experiment_by_name("hpcdl-default")
+runs = client.search_runs([experiment.experiment_id], max_results=1000)
+print(json.dumps([{"id": r.info.run_id, "name": r.info.run_name, "status": r.info.status, "tags": r.data.tags,
+                   "params": r.data.params} for r in runs]))
+"""
+
+
+def mlflow_runs(user, results: Path) -> list[dict]:
+    """The MLflow runs of the experiment, read as the user who owns the store (no root-owned journal files)."""
+    dump = user.run([sys.executable, "-c", MLFLOW_DUMP, f"sqlite:///{results}/mlflow.db"], cwd=results, timeout=300, check=True)
+    return json.loads(dump.stdout.strip().splitlines()[-1])
 
 
 def profile_variant(workdir: Path, name: str, user: SlurmUser | None = None, **variables) -> Path:

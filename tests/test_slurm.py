@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from slurm_fixtures import SNAKEMAKE, chown_tree, profile_variant, run_snakemake, squeue
+from slurm_fixtures import SNAKEMAKE, chown_tree, mlflow_runs, profile_variant, run_snakemake, squeue
 
 CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 RANKS = CONFIG["train"]["ranks"]
@@ -170,23 +170,6 @@ def test_sbatch_gpu_geometry_is_one_rank_per_gpu(sbatch_spy):
 
 
 # --- 2. the whole pipeline -----------------------------------------------------------------------------------------
-
-MLFLOW_DUMP = """
-import json, sys
-from mlflow.tracking import MlflowClient
-client = MlflowClient(tracking_uri=sys.argv[1])
-experiment = client.get_experiment_by_name("hpcdl-default")
-runs = client.search_runs([experiment.experiment_id], max_results=1000)
-print(json.dumps([{"id": r.info.run_id, "name": r.info.run_name, "status": r.info.status, "tags": r.data.tags,
-                   "params": r.data.params} for r in runs]))
-"""
-
-
-def mlflow_runs(user, results: Path) -> list[dict]:
-    """The MLflow runs of the experiment, read as the user who owns the store (no root-owned journal files)."""
-    dump = user.run([sys.executable, "-c", MLFLOW_DUMP, f"sqlite:///{results}/mlflow.db"], cwd=results, timeout=300, check=True)
-    return json.loads(dump.stdout.strip().splitlines()[-1])
-
 
 @pytest.fixture(scope="module")
 def slurm_pipeline(slurm_cluster, slurm_user, slurm_workdir):

@@ -1,0 +1,176 @@
+"""Every stage in the Apptainer image, with a real Apptainer (tests/apptainer/install-apptainer.sh), as the
+unprivileged test user:
+
+1. the record a run keeps of its image: record_image refuses an image that changed after its build; a stage that
+   is told it runs in an image but does not refuses to log (fast, no container);
+2. the image: built unprivileged by `snakemake build_images` (--fakeroot), labelled with the commit, its sha256
+   beside it, read-only when run, and rebuilt only when its inputs change (the package: the thin image only);
+3. the whole default pipeline in the image, locally (`mpirun ... apptainer exec`) and on the test Slurm cluster
+   (`srun --mpi=pmix ... apptainer exec`): every stage's MLflow run proves it ran inside the image (tags a stage
+   writes only from inside it), names the image's path, sha256 and the apptainer version, and the results meet
+   the targets of the run on the host.
+Root on Debian (skipped elsewhere, failed under CI=true).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import hpcdl
+from conftest import REPO
+from container_fixtures import StageImage, image_label
+from slurm_fixtures import mlflow_runs, profile_variant, run_snakemake
+
+CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+STAGES = ["fetch", "fetch", "preprocess", "preprocess", "train", "evaluate", "finetune"]
+
+
+# --- 1. the record of the image -------------------------------------------------------------------------------------
+
+
+def test_record_image_refuses_an_image_that_changed_after_its_build(tmp_path):
+    image = tmp_path / "hpcdl-cpu.sif"
+    image.write_bytes(b"an image")
+    digest = tmp_path / "hpcdl-cpu.sif.sha256"
+    digest.write_text(f"{'0' * 64}  hpcdl-cpu.sif\n")
+    out = tmp_path / "results" / "container.json"
+    run = subprocess.run([sys.executable, "-m", "hpcdl.record_image", "--image", str(image), "--digest", str(digest), "--out", str(out)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0
+    assert str(image) in run.stderr and "0" * 64 in run.stderr and "changed after its build" in run.stderr, run.stderr
+    assert not out.exists(), "no record of an image nobody can name"
+
+
+def test_a_stage_outside_its_recorded_image_refuses_to_log(tmp_path, monkeypatch):
+    from hpcdl.tracking import container_tags
+
+    record = tmp_path / "container.json"
+    record.write_text(json.dumps({"image": "/images/hpcdl-cpu.sif", "sha256": "ab" * 32, "apptainer": "1.4.5"}))
+    monkeypatch.delenv("APPTAINER_CONTAINER", raising=False)
+    with pytest.raises(RuntimeError, match="not inside an Apptainer container") as error:
+        container_tags(record)
+    assert str(record) in str(error.value) and "/images/hpcdl-cpu.sif" in str(error.value)
+    assert container_tags(None) == {}, "stages on the host carry no image tags"
+
+
+# --- 2. the image ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_image_is_labelled_digested_and_read_only(stage_image: StageImage, slurm_user):
+    digest_file = stage_image.path.with_name(stage_image.path.name + ".sha256")
+    assert digest_file.read_text().split() == [stage_image.sha256, stage_image.path.name]
+    assert image_label(stage_image, slurm_user, "org.opencontainers.image.revision") == stage_image.git_commit
+    assert image_label(stage_image, slurm_user, "org.opencontainers.image.version") == hpcdl.__version__
+    assert image_label(stage_image, slurm_user, "hpcdl.flavour") == "cpu"
+    # the image's own %test (imports, Horovod's build, the package's stage CLIs), run again from the finished file
+    check = slurm_user.run(["apptainer", "test", str(stage_image.path)], timeout=600)
+    assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-3000:]
+    write = slurm_user.run(["apptainer", "exec", "--contain", str(stage_image.path), "touch", "/opt/hpcdl/x"], timeout=120)
+    assert write.returncode != 0 and "Read-only file system" in write.stderr, write.stderr
+
+
+def jobs_to_run(workdir: Path, user, *targets: str) -> list[str]:
+    dry = run_snakemake(user, workdir, "--dry-run", "--quiet", "rules", *targets, timeout=300)
+    assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
+    return sorted(re.findall(r"^(build_\w+)\s+\d+$", dry.stdout, re.M))
+
+
+@pytest.mark.slow
+def test_images_are_rebuilt_only_when_their_inputs_change(stage_image: StageImage, slurm_user):
+    workdir = stage_image.path.parents[1]
+    assert jobs_to_run(workdir, slurm_user, "build_images") == []
+    later = time.time() + 60
+    source = workdir / "src" / "hpcdl" / "evaluate.py"
+    os.utime(source, (later, later))
+    assert jobs_to_run(workdir, slurm_user, "build_images") == ["build_image"], "a package edit rebuilds only the thin image"
+    os.utime(workdir / "requirements.lock", (later, later))
+    assert jobs_to_run(workdir, slurm_user, "build_images") == ["build_base_image", "build_image"]
+
+
+# --- 3. the pipeline in the image -----------------------------------------------------------------------------------
+
+
+def assert_ran_in_the_image(runs: list[dict], image: StageImage) -> list[dict]:
+    """Every stage's run carries tags that a stage writes only after checking, inside the container, that it runs in
+    the recorded image (APPTAINER_CONTAINER and /.singularity.d), and the commit it read from the image's build
+    info (a file only the image has)."""
+    parents = [r for r in runs if "mlflow.parentRunId" not in r["tags"]]
+    assert len(parents) == 1 and parents[0]["status"] == "FINISHED", [(r["name"], r["status"]) for r in parents]
+    children = [r for r in runs if r["tags"].get("mlflow.parentRunId") == parents[0]["id"]]
+    assert sorted(r["name"] for r in children) == sorted(STAGES)
+    for run in children:
+        tags = run["tags"]
+        assert run["status"] == "FINISHED", run["name"]
+        assert tags.get("hpcdl.container") == "apptainer", (run["name"], tags)
+        assert tags["hpcdl.image.path"] == str(image.path.resolve()), (run["name"], tags["hpcdl.image.path"])
+        assert tags["hpcdl.image.sha256"] == image.sha256, run["name"]
+        assert tags["apptainer.version"] == image.apptainer_version, run["name"]
+        assert tags["hpcdl.image.git_commit"] == image.git_commit, run["name"]
+    return children
+
+
+def assert_results_meet_the_targets(results: Path) -> None:
+    evaluation = json.loads((results / "evaluate" / "metrics.json").read_text())
+    finetune = json.loads((results / "finetune" / "metrics.json").read_text())
+    assert evaluation["accuracy"] >= 0.97, f"mnist5k held-out accuracy {evaluation['accuracy']:.4f}"
+    assert finetune["finetuned"]["accuracy"] >= 0.98, f"digits fine-tuned accuracy {finetune['finetuned']['accuracy']:.4f}"
+    assert finetune["finetuned"]["accuracy"] > finetune["baseline"]["accuracy"], "pretraining must beat training from scratch"
+
+
+@pytest.mark.slow
+def test_pipeline_in_the_image_locally(stage_image: StageImage, slurm_user, slurm_workdir):
+    """`snakemake --profile profiles/apptainer`: plain rules through `container:`, train and finetune as host
+    mpirun starting 2 ranks of `apptainer exec`."""
+    workdir = slurm_workdir("apptainer-local")
+    # a checkout, as users have: its commit must reach the stages in the image, which have no git
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.name=ci", "-c", "user.email=ci@localhost", "commit", "-qm", "workflow"]):
+        slurm_user.run(command, cwd=workdir, check=True)
+    commit = slurm_user.run(["git", "rev-parse", "HEAD"], cwd=workdir, check=True).stdout.strip()
+    started = time.monotonic()
+    run = run_snakemake(slurm_user, workdir, "--profile", "profiles/apptainer", "--config", f"container={stage_image.path}", timeout=1200)
+    elapsed = time.monotonic() - started
+    log = run.stdout + run.stderr
+    (workdir / "snakemake.log").write_text(log)
+    assert run.returncode == 0, log[-8000:]
+    print(f"pipeline in the image, local: {elapsed:.1f} s wall")
+    assert re.search(r"mpirun .*-n 2 apptainer exec --home \S+ --contain --bind /tmp \S+hpcdl-cpu\.sif python -m hpcdl\.train", log), "host mpirun around apptainer exec"
+    children = assert_ran_in_the_image(mlflow_runs(slurm_user, workdir / "results"), stage_image)
+    assert {r["tags"]["git.commit"] for r in children} == {commit}, "the checkout's commit, handed in from the host"
+    train = next(r for r in children if r["name"] == "train")
+    assert train["tags"]["world_size"] == str(CONFIG["train"]["ranks"])
+    assert_results_meet_the_targets(workdir / "results")
+
+
+@pytest.mark.slow
+def test_pipeline_in_the_image_on_slurm(stage_image: StageImage, slurm_cluster, slurm_user, slurm_workdir):
+    """profiles/slurm-test with apptainer on (as profiles/slurm): every non-local stage a Slurm job in the image;
+    train and finetune one job each whose ranks `srun --mpi=pmix` starts as `apptainer exec`."""
+    workdir = slurm_workdir("apptainer-slurm")
+    profile = profile_variant(workdir, "slurm-apptainer", slurm_user, apptainer=True)
+    started = time.monotonic()
+    run = run_snakemake(slurm_user, workdir, "--profile", str(profile.relative_to(workdir)), "--verbose", "--config", f"container={stage_image.path}", timeout=1500)
+    elapsed = time.monotonic() - started
+    log = run.stdout + run.stderr
+    (workdir / "snakemake.log").write_text(log)
+    assert run.returncode == 0, log[-8000:]
+    print(f"pipeline in the image, Slurm: {elapsed:.1f} s wall")
+    children = assert_ran_in_the_image(mlflow_runs(slurm_user, workdir / "results"), stage_image)
+    for run_ in children:
+        if run_["name"] != "fetch":  # fetch is a localrule: on the submitting host, in the image
+            assert run_["tags"].get("slurm.job_id") and run_["tags"].get("slurm.partition") == "debug", (run_["name"], run_["tags"])
+    train = next(r for r in children if r["name"] == "train")
+    assert train["tags"]["slurm.ntasks"] == str(CONFIG["train"]["ranks"]) and train["tags"]["world_size"] == str(CONFIG["train"]["ranks"])
+    train_logs = list((workdir / ".snakemake" / "slurm_logs" / "rule_train").glob("*.log"))
+    assert len(train_logs) == 1
+    assert re.search(r"srun --mpi=pmix -n 2 --cpus-per-task=\d+ apptainer exec ", train_logs[0].read_text()), "host srun around apptainer exec"
+    assert_results_meet_the_targets(workdir / "results")
