@@ -34,12 +34,14 @@ if IN_APPTAINER:
     STAGE_PYTHON = "python"
     # The MPI rules (train, finetune) carry no container directive: Snakemake would wrap their whole shell,
     # mpirun/srun included, in the image. They start host MPI, and each rank enters the image itself (the
-    # hybrid model), with the same apptainer arguments Snakemake gives the plain rules, plus the host's $TMPDIR:
-    # Open MPI's session directory, which mpirun creates there and its ranks join (with a private /tmp each
-    # rank gives up shared memory and warns).
+    # hybrid model), with the same apptainer arguments Snakemake gives the plain rules, plus the host's $TMPDIR,
+    # shared by the ranks of a node: Open MPI's session directory (mpirun creates it, the ranks join it) and the
+    # backing files of its shared-memory transport, which default to /dev/shm, private to each container under
+    # --contain (the ranks would fall back to TCP, warning "shared memory initialization" failed).
+    NODE_TMP = shlex.quote(os.environ.get("TMPDIR", "/tmp"))
     MPI_STAGE_PYTHON = (
         f"apptainer exec --home {shlex.quote(os.getcwd())} {workflow.deployment_settings.apptainer_args}"
-        f" --bind {shlex.quote(os.environ.get('TMPDIR', '/tmp'))} {shlex.quote(IMAGE)} python"
+        f" --bind {NODE_TMP} --env OMPI_MCA_btl_vader_backing_directory={NODE_TMP} {shlex.quote(IMAGE)} python"
     )
 else:
     STAGE_PYTHON = MPI_STAGE_PYTHON = HOST_PYTHON
