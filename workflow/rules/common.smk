@@ -5,6 +5,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
@@ -38,7 +39,7 @@ if IN_APPTAINER:
     # shared by the ranks of a node: Open MPI's session directory (mpirun creates it, the ranks join it) and the
     # backing files of its shared-memory transport, which default to /dev/shm, private to each container under
     # --contain (the ranks would fall back to TCP, warning "shared memory initialization" failed).
-    NODE_TMP = shlex.quote(os.environ.get("TMPDIR", "/tmp"))
+    NODE_TMP = shlex.quote(tempfile.gettempdir())  # $TMPDIR, else the system default
     MPI_STAGE_PYTHON = (
         f"apptainer exec --home {shlex.quote(os.getcwd())} {workflow.deployment_settings.apptainer_args}"
         f" --bind {NODE_TMP} --env OMPI_MCA_btl_vader_backing_directory={NODE_TMP} {shlex.quote(IMAGE)} python"
