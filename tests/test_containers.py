@@ -61,6 +61,31 @@ def test_a_stage_outside_its_recorded_image_refuses_to_log(tmp_path, monkeypatch
     assert container_tags(None) == {}, "stages on the host carry no image tags"
 
 
+def rendered(profile: str, **variables) -> dict:
+    """A profile rendered as Snakemake renders it (YTE), with some `__variables__` changed."""
+    import yte
+
+    source = (REPO / "profiles" / profile / "profile.yaml").read_text()
+    for key, value in variables.items():
+        source, count = re.subn(rf"^(  {key}:) *[^#\n]*", rf"\1 {json.dumps(value)} ", source, count=1, flags=re.M)
+        assert count == 1, key
+    return yte.process_yaml(source, require_use_yte=True)
+
+
+def test_profiles_turn_containers_on_contained_and_gpus_add_nv():
+    slurm = rendered("slurm")
+    assert slurm["software-deployment-method"] == "apptainer" and slurm["apptainer-args"] == "--contain"
+    assert rendered("slurm", gpus=4)["apptainer-args"] == "--contain --nv"
+    assert rendered("slurm", apptainer_binds=["/scratch/me"])["apptainer-args"] == "--contain --bind /scratch/me"
+    assert "software-deployment-method" not in rendered("slurm", apptainer=False)
+    local = rendered("apptainer")
+    assert local["software-deployment-method"] == "apptainer" and local["apptainer-args"] == "--contain"
+    assert rendered("apptainer", gpu=True)["apptainer-args"] == "--contain --nv"
+    # the CI twin of profiles/slurm runs the Slurm tests on the host; test_pipeline_in_the_image_on_slurm turns it on
+    assert "software-deployment-method" not in rendered("slurm-test")
+    assert rendered("slurm-test", apptainer=True)["apptainer-args"] == "--contain"
+
+
 # --- 2. the image ---------------------------------------------------------------------------------------------------
 
 
