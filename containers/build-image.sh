@@ -14,9 +14,9 @@
 #   DEBIAN_MIRROR / DEBIAN_SECURITY_MIRROR  from this machine's apt configuration (apt-get indextargets), unless
 #                                           set in the environment;
 #   pip's configuration                     `pip config list` of this machine (index-url, extra-index-url,
-#                                           find-links, constraint, ...) as /mnt/pip.conf, and every
-#                                           local path it names bound read-only at the same path (a local wheel
-#                                           mirror is then used instead of downloading gigabytes).
+#                                           find-links, constraint, ...) as /mnt/pip.conf; the local folders it
+#                                           names are bound read-only under /mnt/host (a local wheel mirror is
+#                                           then used instead of downloading gigabytes), local files copied in.
 # Environment:
 #   APPTAINER         the apptainer binary (default: apptainer on PATH)
 #   HPCDL_CACHE       a wheel cache shared with scripts/build-horovod.sh (bound read-write; default: none, so
