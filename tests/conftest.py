@@ -73,6 +73,15 @@ def data_copy(digits_dir, tmp_path) -> Path:
     return target
 
 
+def assert_results_meet_the_targets(results: Path) -> None:
+    """The accuracy targets of the default pipeline, wherever it ran (host, Slurm, Apptainer)."""
+    evaluation = json.loads((results / "evaluate" / "metrics.json").read_text())
+    finetune = json.loads((results / "finetune" / "metrics.json").read_text())
+    assert evaluation["accuracy"] >= 0.97, f"mnist5k held-out accuracy {evaluation['accuracy']:.4f}"
+    assert finetune["finetuned"]["accuracy"] >= 0.98, f"digits fine-tuned accuracy {finetune['finetuned']['accuracy']:.4f}"
+    assert finetune["finetuned"]["accuracy"] > finetune["baseline"]["accuracy"], "pretraining must beat training from scratch"
+
+
 def require_or_fail(condition: bool, reason: str) -> None:
     """Skip locally when a facility is missing, but under CI=true a missing facility is a failure."""
     if condition:

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 import hpcdl
-from conftest import REPO
+from conftest import REPO, assert_results_meet_the_targets
 from container_fixtures import StageImage, image_label
 from slurm_fixtures import mlflow_runs, profile_variant, run_snakemake
 
@@ -142,14 +142,6 @@ def assert_ran_in_the_image(runs: list[dict], image: StageImage) -> list[dict]:
         assert tags["apptainer.version"] == image.apptainer_version, run["name"]
         assert tags["hpcdl.image.git_commit"] == image.git_commit, run["name"]
     return children
-
-
-def assert_results_meet_the_targets(results: Path) -> None:
-    evaluation = json.loads((results / "evaluate" / "metrics.json").read_text())
-    finetune = json.loads((results / "finetune" / "metrics.json").read_text())
-    assert evaluation["accuracy"] >= 0.97, f"mnist5k held-out accuracy {evaluation['accuracy']:.4f}"
-    assert finetune["finetuned"]["accuracy"] >= 0.98, f"digits fine-tuned accuracy {finetune['finetuned']['accuracy']:.4f}"
-    assert finetune["finetuned"]["accuracy"] > finetune["baseline"]["accuracy"], "pretraining must beat training from scratch"
 
 
 @pytest.mark.slow
