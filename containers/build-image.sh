@@ -54,11 +54,15 @@ key=$( { for f in "$DEF" "${INPUTS[@]}"; do
          done
          printf '%s\n' "${BUILD_ARGS[@]}" "${HPCDL_MKSQUASHFS_ARGS:-}" "$("$APPTAINER" --version)"; } | sha256sum | cut -c1-24)
 name=$(basename "$OUT" .sif)
+finish_image() {  # OUT.partial -> OUT, then OUT.sha256 (sha256sum format, name relative), each by rename
+    mv -f "$OUT.partial" "$OUT"
+    (cd "$(dirname "$OUT")" && sha256sum "$(basename "$OUT")" > "$(basename "$OUT").sha256.partial" \
+        && mv -f "$(basename "$OUT").sha256.partial" "$(basename "$OUT").sha256")
+}
 if [[ -n ${HPCDL_IMAGE_CACHE:-} && -f $HPCDL_IMAGE_CACHE/$name-$key.sif ]]; then
     log "image cache hit: $HPCDL_IMAGE_CACHE/$name-$key.sif"
     cp "$HPCDL_IMAGE_CACHE/$name-$key.sif" "$OUT.partial"
-    mv -f "$OUT.partial" "$OUT"
-    (cd "$(dirname "$OUT")" && sha256sum "$(basename "$OUT")" > "$(basename "$OUT").sha256.partial" && mv -f "$(basename "$OUT").sha256.partial" "$(basename "$OUT").sha256")
+    finish_image
     exit 0
 fi
 
@@ -126,8 +130,7 @@ t0=$SECONDS
 "$APPTAINER" build "${FAKEROOT[@]}" --force --mksquashfs-args "${HPCDL_MKSQUASHFS_ARGS:--comp zstd -Xcompression-level 3}" \
     "${BINDS[@]}" "${ARGS[@]}" "$OUT.partial" "$DEF"
 log "built in $((SECONDS - t0)) s: $(du -h "$OUT.partial" | cut -f1)"
-mv -f "$OUT.partial" "$OUT"
-(cd "$(dirname "$OUT")" && sha256sum "$(basename "$OUT")" > "$(basename "$OUT").sha256.partial" && mv -f "$(basename "$OUT").sha256.partial" "$(basename "$OUT").sha256")
+finish_image
 log "sha256: $(cut -d' ' -f1 "$OUT.sha256")"
 if [[ -n ${HPCDL_IMAGE_CACHE:-} ]]; then
     mkdir -p "$HPCDL_IMAGE_CACHE"

@@ -14,15 +14,9 @@ from pathlib import Path
 
 from hpcdl.atomic import atomic_write_json
 
-CHUNK = 16 << 20
-
-
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_digest_file(path: Path, image: Path) -> str:
