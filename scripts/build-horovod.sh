@@ -31,7 +31,7 @@ PY=${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}; PY=${PY:-$ROOT/.venv/bin/python}
 FLAVOUR=auto
 while [[ $# -gt 0 ]]; do
   case $1 in
-    --python) PY=$2; shift 2 ;;
+    --python) PY=$2; shift 2 ;;   # made absolute below, before any cd
     --cpu) FLAVOUR=cpu; shift ;;
     --gpu) FLAVOUR=gpu; shift ;;
     -h|--help) sed -n '2,/^set -e/{/^#/p}' "$0"; exit 0 ;;
@@ -39,6 +39,11 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 log() { echo "[build-horovod $(date +%T)] $*"; }
+# Absolute before any cd (the wheel is built from inside the unpacked sdist): a relative --python, as
+# `scripts/setup.sh` once passed, would name a file that does not exist there. Not resolved through symlinks: a
+# venv's python is a link to the base interpreter, and only the link's path selects the venv.
+[[ $PY == /* ]] || PY=$PWD/$PY
+[[ -n ${HPCDL_CACHE:-} && $HPCDL_CACHE != /* ]] && HPCDL_CACHE=$PWD/$HPCDL_CACHE
 START=$SECONDS
 
 [[ -x $PY ]] || { echo "python not found: $PY" >&2; exit 1; }

@@ -7,7 +7,9 @@
 #   3. Horovod 0.28.1 built with the project's patch (scripts/build-horovod.sh; the wheel is cached by key).
 # Skips steps 2-3 when their inputs have not changed since the last successful set-up.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+cd "$HPCDL_ROOT"
+VENV=$HPCDL_ROOT/.venv
 
 APT_PACKAGES=(libopenmpi-dev openmpi-bin g++ cmake make git patch python3 python3-venv python3-dev)
 missing=()
@@ -30,15 +32,15 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
     exit 1
 fi
 
-inputs=(requirements.txt requirements-runtime.txt requirements.lock pyproject.toml scripts/setup.sh scripts/build-horovod.sh scripts/horovod-0.28.1-torch2.14.patch)
+inputs=(scripts/common.sh requirements.txt requirements-runtime.txt requirements.lock pyproject.toml scripts/setup.sh scripts/build-horovod.sh scripts/horovod-0.28.1-torch2.14.patch)
 stamp=$(cat "${inputs[@]}" | sha256sum | cut -c1-16)
-if [[ -x .venv/bin/python && $(cat .venv/.hpcdl-setup 2>/dev/null) == "$stamp" ]]; then
+if [[ -x $VENV/bin/python && $(cat "$VENV/.hpcdl-setup" 2>/dev/null) == "$stamp" ]]; then
     exit 0
 fi
-[[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade "pip==25.3"
-.venv/bin/python -m pip install -q -r requirements.txt -c requirements.lock
-.venv/bin/python -m pip install -q --no-deps -e .
-scripts/build-horovod.sh --python .venv/bin/python
-echo "$stamp" > .venv/.hpcdl-setup
-echo "setup: done (.venv)"
+[[ -x $VENV/bin/python ]] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade "pip==25.3"
+"$VENV/bin/python" -m pip install -q -r requirements.txt -c requirements.lock
+"$VENV/bin/python" -m pip install -q --no-deps -e .
+"$HPCDL_ROOT/scripts/build-horovod.sh" --python "$VENV/bin/python"
+echo "$stamp" > "$VENV/.hpcdl-setup"
+echo "setup: done ($VENV)"
