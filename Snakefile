@@ -1,7 +1,11 @@
 # hpcdl: fetch -> preprocess -> data-parallel train -> evaluate -> fine-tune, every stage tracked in MLflow.
 # This file only validates the configuration and includes one rule file per stage (workflow/rules/<stage>.smk);
 # each rule runs the module of the same name: rule `train` -> `python -m hpcdl.train` (src/hpcdl/train.py).
+import os
+
 from snakemake.utils import min_version, validate
+
+from hpcdl.config_check import check_config
 
 min_version("9.0")
 
@@ -9,6 +13,8 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+# One line per bad key (key, value, what is allowed) before Snakemake's validate, which fills in the defaults.
+check_config(config, os.path.join(workflow.basedir, "workflow/schemas/config.schema.yaml"))
 validate(config, "workflow/schemas/config.schema.yaml")
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 BACKEND_NAMES = ("torch", "horovod")
+COMPRESSION_NAMES = ("none", "fp16")  # Horovod allreduce compression
 
 
 def mpi_comm():

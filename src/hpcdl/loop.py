@@ -26,6 +26,9 @@ from hpcdl.data.prepare import batch_to_tensor
 from hpcdl.progress import step_bar
 
 
+PRECISION_NAMES = ("fp32", "bf16", "fp16")
+
+
 @dataclass
 class Split:
     """One split's arrays: x uint8 (N, C, H, W) (usually memory-mapped) and y int64 (N,)."""

@@ -6,6 +6,7 @@ import torchvision
 from torch import nn
 
 MODEL_NAMES = ("mlp", "lenet5", "cnn", "resnet18")
+TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_small")  # finetune.init: torchvision:<arch>
 
 
 class MLP(nn.Module):

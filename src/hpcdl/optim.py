@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 OPTIMIZER_NAMES = ("sgd", "adam", "rmsprop", "adagrad")
+SCHEDULE_NAMES = ("cosine", "constant")
 
 
 def build_optimizer(name: str, params, *, lr: float, momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 0.0):
