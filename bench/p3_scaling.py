@@ -1,7 +1,6 @@
 """P3: weak scaling of data-parallel training on this machine: 2 ranks x 1 thread vs 1 rank x 1 thread.
 
-Runs the real train stage with the local rule's launcher (`mpirun --bind-to none --mca mpi_yield_when_idle 1 -n R
-python -m hpcdl.train`) on mnist5k with the per-rank batch fixed, for each
+Runs the real train stage with the local rule's launcher (hpcdl.launch.LOCAL_MPIRUN -n R python -m hpcdl.train) on mnist5k with the per-rank batch fixed, for each
 backend that is installed, and prints samples/s and weak-scaling efficiency = throughput(2) / (2 x throughput(1)),
 all measured in this one run. Steady state: the first epoch (warm-up, allocator, rendezvous) is dropped."""
 
@@ -19,6 +18,8 @@ import tempfile
 from pathlib import Path
 
 import yaml
+
+from hpcdl.launch import LOCAL_MPIRUN
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 0.90
@@ -40,7 +41,7 @@ def throughput(root: Path, data: Path, backend: str, ranks: int, epochs: int) ->
     out = root / f"{backend}-{ranks}"
     params = {"mlflow": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "experiment": "p3"}, "train": cfg}
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    command = ["mpirun", "--bind-to", "none", "--mca", "mpi_yield_when_idle", "1", "-n", str(ranks), sys.executable, "-m", "hpcdl.train", "--params", json.dumps(params), "--data-dir", str(data), "--out-dir", str(out)]
+    command = [*LOCAL_MPIRUN.split(), "-n", str(ranks), sys.executable, "-m", "hpcdl.train", "--params", json.dumps(params), "--data-dir", str(data), "--out-dir", str(out)]
     subprocess.run(command, env=env, check=True, capture_output=True, text=True, cwd=REPO)
     history = json.loads((out / "metrics.json").read_text())["history"]
     return statistics.median(epoch["samples_per_second"] for epoch in history[1:])

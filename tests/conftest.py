@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hpcdl.launch import LOCAL_MPIRUN
+
 pytest_plugins = ["data_fixtures", "slurm_fixtures", "container_fixtures"]  # HTTP server and writers; Slurm test cluster; Apptainer + image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,9 +28,14 @@ def mpi_env(**extra) -> dict:
     return env
 
 
+def mpirun_command(ranks: int, *program: str) -> list[str]:
+    """The local rules' launch (hpcdl.launch.LOCAL_MPIRUN) of `ranks` copies of `program`."""
+    return [*LOCAL_MPIRUN.split(), "-n", str(ranks), *program]
+
+
 def mpirun(ranks: int, module: str, args: list[str], *, timeout: float = 300, check: bool = True, **popen) -> subprocess.CompletedProcess:
     """`mpirun -n ranks python -m module args`: the launch the MPI rules make."""
-    command = ["mpirun", "--bind-to", "none", "--mca", "mpi_yield_when_idle", "1", "-n", str(ranks), sys.executable, "-m", module, *args]
+    command = mpirun_command(ranks, sys.executable, "-m", module, *args)
     result = subprocess.run(command, env=mpi_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO, **popen)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command[:8])} ... exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")

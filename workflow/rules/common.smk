@@ -11,6 +11,7 @@ from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 import hpcdl
 from hpcdl.checkout import export_git_state
+from hpcdl.launch import LOCAL_MPIRUN, oversubscription_warning
 from hpcdl.slurm_job import export_slurm_tags
 
 RESULTS = config["results"].rstrip("/")
@@ -88,11 +89,22 @@ def split_files(role):
 
 def mpi_launch(resources):
     """The command that starts a rule's ranks: `{mpi} -n {tasks}`; srun also gets --cpus-per-task, which an srun
-    inside an allocation does not inherit (Slurm >= 22.05), so each rank keeps its threads_per_rank CPUs."""
+    inside an allocation does not inherit (Slurm >= 22.05), so each rank keeps its threads_per_rank CPUs.
+    A local launch (mpirun) with more ranks x threads than this machine's cores runs oversubscribed and says so
+    first (launch_warning); on Slurm the allocation decides."""
     launcher = f"{resources.mpi} -n {resources.tasks}"
     if resources.mpi.split()[0] == "srun":
-        launcher += f" --cpus-per-task={resources.cpus_per_task}"
+        return launcher + f" --cpus-per-task={resources.cpus_per_task}"
     return launcher
+
+
+def launch_warning(resources):
+    """`echo <warning>; ` when a local launch (mpirun) asks for more ranks x threads than this machine's cores
+    (it then runs oversubscribed), else nothing; on Slurm the allocation decides."""
+    if resources.mpi.split()[0] == "srun":
+        return ""
+    warning = oversubscription_warning(resources.tasks, resources.cpus_per_task)
+    return f"echo {shlex.quote(warning)}; " if warning else ""
 
 
 # The rules whose jobs log MLflow runs: an invocation without any (`snakemake build_images`) opens no parent run.

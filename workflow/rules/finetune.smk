@@ -18,6 +18,7 @@ rule finetune:
     params:
         python=MPI_STAGE_PYTHON,
         launch=lambda wildcards, resources: mpi_launch(resources),
+        warning=lambda wildcards, resources: launch_warning(resources),
         parent=PARENT_RUN,
         stage=lambda wildcards: stage_params(
             finetune=config["finetune"],
@@ -27,17 +28,17 @@ rule finetune:
         out_dir=lambda wildcards, output: os.path.dirname(output.model),
     threads: config["finetune"]["ranks"] * config["finetune"]["threads_per_rank"]
     resources:
-        mpi="mpirun --bind-to none --mca mpi_yield_when_idle 1",
+        mpi=LOCAL_MPIRUN,
         tasks=config["finetune"]["ranks"],
         cpus_per_task=config["finetune"]["threads_per_rank"],
         mem_mb_per_cpu=2000,
         runtime=120,
     # run: + shell() rather than shell: keeps the launcher on the host even under `--sdm apptainer` (the
     # ranks enter the image themselves); a container directive would wrap mpirun/srun inside the image.
-    # set -x: the job's log shows the launch line (launcher, image, arguments).
+    # set -x: the job's log shows the launch line (launcher, image, arguments), after any oversubscription warning.
     run:
         shell(
-            "set -x; {params.launch} {params.python} -m hpcdl.finetune --params {params.stage:q}"
+            "({params.warning}set -x; {params.launch} {params.python} -m hpcdl.finetune --params {params.stage:q}"
             " --init {input.init} --data-dir {params.data_dir} --out-dir {params.out_dir}"
-            " --parent-run {params.parent} 2>&1 | tee {log}"
+            " --parent-run {params.parent}) 2>&1 | tee {log}"
         )

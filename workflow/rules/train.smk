@@ -13,25 +13,24 @@ rule train:
     params:
         python=MPI_STAGE_PYTHON,
         launch=lambda wildcards, resources: mpi_launch(resources),
+        warning=lambda wildcards, resources: launch_warning(resources),
         parent=PARENT_RUN,
         stage=lambda wildcards: stage_params(train=config["train"]),
         data_dir=lambda wildcards, input: os.path.dirname(input.manifest),
         out_dir=lambda wildcards, output: os.path.dirname(output.model),
     threads: config["train"]["ranks"] * config["train"]["threads_per_rank"]
     resources:
-        # The launcher of the ranks: profiles set it to "srun --mpi=pmix" on Slurm. Locally ranks share the cores
-        # with Horovod's and gloo's helper threads, so MPI yields while it waits (P3: weak-scaling efficiency
-        # 0.58-0.67 -> 0.81 on 2 cores).
-        mpi="mpirun --bind-to none --mca mpi_yield_when_idle 1",
+        # The launcher of the ranks: profiles set it to "srun --mpi=pmix" on Slurm; locally hpcdl.launch's mpirun.
+        mpi=LOCAL_MPIRUN,
         tasks=config["train"]["ranks"],
         cpus_per_task=config["train"]["threads_per_rank"],
         mem_mb_per_cpu=2000,
         runtime=120,
     # run: + shell() rather than shell: keeps the launcher on the host even under `--sdm apptainer` (the
     # ranks enter the image themselves); a container directive would wrap mpirun/srun inside the image.
-    # set -x: the job's log shows the launch line (launcher, image, arguments).
+    # set -x: the job's log shows the launch line (launcher, image, arguments), after any oversubscription warning.
     run:
         shell(
-            "set -x; {params.launch} {params.python} -m hpcdl.train --params {params.stage:q}"
-            " --data-dir {params.data_dir} --out-dir {params.out_dir} --parent-run {params.parent} 2>&1 | tee {log}"
+            "({params.warning}set -x; {params.launch} {params.python} -m hpcdl.train --params {params.stage:q}"
+            " --data-dir {params.data_dir} --out-dir {params.out_dir} --parent-run {params.parent}) 2>&1 | tee {log}"
         )
