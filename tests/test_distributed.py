@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, mpi_env, mpirun, require_or_fail, train_args, train_config
+from conftest import REPO, mpi_env, mpirun, mpirun_command, require_or_fail, train_args, train_config
 from hpcdl.loop import epoch_shard, micro_steps_per_epoch
 
 
@@ -65,7 +65,7 @@ def test_two_ranks_with_half_batch_follow_one_rank_with_whole_batch(data_copy, t
 def test_a_failing_rank_ends_the_job_quickly_and_is_named(data_copy, tmp_path, backend):
     needs(backend)
     cfg = train_config(epochs=50, backend=backend)
-    command = ["mpirun", "--bind-to", "none", "-n", "2", sys.executable, str(REPO / "tests" / "failing_rank.py"), *train_args(tmp_path, data_copy, tmp_path / "out", cfg)]
+    command = mpirun_command(2, sys.executable, str(REPO / "tests" / "failing_rank.py"), *train_args(tmp_path, data_copy, tmp_path / "out", cfg))
     started = time.monotonic()
     result = subprocess.run(command, env=mpi_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
     elapsed = time.monotonic() - started
@@ -107,3 +107,22 @@ def test_gradient_accumulation_equals_the_larger_batch(data_copy, tmp_path, back
     mpirun(2, "hpcdl.train", train_args(tmp_path, data_copy, tmp_path / "big", train_config(batch_size=16, **common)))
     mpirun(2, "hpcdl.train", train_args(tmp_path, data_copy, tmp_path / "accum", train_config(batch_size=8, grad_accum_steps=2, **common)))
     np.testing.assert_allclose(history(tmp_path / "accum"), history(tmp_path / "big"), rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_precision_step_skips_on_every_rank_when_one_rank_overflows(backend):
+    """fp16's gradient scaler must read the averaged gradients: Horovod's order is synchronize(), unscale_(), then
+    step without a second synchronize (its own examples). Stepping the scaler directly unscales local gradients
+    while their allreduce is in flight: rank 0 then steps on non-finite averaged gradients that rank 1 skipped.
+    A 500 ms Horovod cycle keeps the allreduce in flight when the step starts, so the wrong order always shows."""
+    needs(backend)
+    env = mpi_env(HOROVOD_CYCLE_TIME="500")
+    result = subprocess.run(mpirun_command(2, sys.executable, str(REPO / "tests" / "fp16_step.py"), backend), env=env,
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    for rank in ranks:
+        assert rank["finite"] and not rank["changed"], f"rank {rank['rank']} stepped on overflowed gradients: {rank}"
+        assert rank["scale"] == 512.0, "the scaler backs off on every rank"
+

@@ -38,3 +38,36 @@ def test_bf16_training_runs_and_learns(data_copy, tmp_path):
     mpirun(1, "hpcdl.train", train_args(tmp_path, data_copy, tmp_path / "out", train_config(ranks=1, epochs=3, precision="bf16", augment=[])))
     history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
     assert history[-1]["loss"] < history[0]["loss"]
+
+
+class _Stop(Exception):
+    """Raised by the probe once it has seen where the inputs went."""
+
+
+def _model_on_another_device(seen: list):
+    """A model whose weights live on the `meta` device, standing in for a GPU on this CPU-only machine: a forward
+    pre-hook records the device of the inputs it is given, then stops the evaluation."""
+    model = build_model("lenet5", in_channels=1, image_size=16, num_classes=10).to("meta")
+
+    def probe(module, args):
+        seen.append(args[0].device)
+        raise _Stop
+
+    model.register_forward_pre_hook(probe)
+    return model
+
+
+def test_evaluation_after_training_feeds_inputs_to_the_models_device(digits_dir, tmp_path):
+    """After training on a GPU the model is still there: train's final validation and the test-set evaluation of
+    evaluate and finetune must send their inputs to the model's device (they once sent them to the CPU)."""
+    from hpcdl import train
+    from hpcdl.evaluate import evaluate_model
+    from hpcdl.stage_runtime import load_data
+
+    manifest, splits, normalise = load_data(digits_dir)
+    seen: list = []
+    with pytest.raises(_Stop):
+        train.finish(_model_on_another_device(seen), train_config(), manifest, splits, normalise, [], tmp_path, run=None)
+    with pytest.raises(_Stop):
+        evaluate_model(_model_on_another_device(seen), manifest, splits, normalise, tmp_path, title="probe")
+    assert seen == [torch.device("meta")] * 2

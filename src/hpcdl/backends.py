@@ -67,6 +67,15 @@ class Backend:
         """Context for accumulation micro-steps whose gradients must not be averaged yet."""
         return contextlib.nullcontext()
 
+    def step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> None:
+        """One optimizer step on the averaged gradients; with a gradient scaler (fp16), unscale them first and
+        skip the step when any rank's gradients overflowed. DDP has averaged them by the end of backward()."""
+        if scaler is None:
+            optimizer.step()
+            return
+        scaler.step(optimizer)
+        scaler.update()
+
     def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -149,6 +158,20 @@ class HorovodBackend(Backend):
             backward_passes_per_step=grad_accum_steps,
         )
         return model, optimizer
+
+    def step(self, optimizer, scaler=None):
+        if scaler is None:
+            optimizer.step()  # waits for the allreduce of every gradient first (synchronize)
+            return
+        # Horovod's own recipe for mixed precision (examples/pytorch): the allreduce launched during backward
+        # must finish before the scaler reads the gradients. scaler.step alone would unscale (and test for
+        # overflow) the local gradients while their allreduce is still in flight, then step on the averaged,
+        # still-scaled result; and one rank could skip a step that another takes.
+        optimizer.synchronize()
+        scaler.unscale_(optimizer)
+        with optimizer.skip_synchronize():
+            scaler.step(optimizer)
+        scaler.update()
 
     def sync_initial_state(self, model, optimizer, resumed):
         self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)

@@ -27,6 +27,10 @@ class CheckpointStore:
     def load(self) -> dict | None:
         """The saved state if it belongs to these settings. A checkpoint of other settings is kept aside
         (renamed *.stale-<digest>.pt, never deleted) and training starts fresh."""
+        leftover = self.path.with_name(self.path.name + ".tmp")
+        if leftover.exists():  # a kill during a write (hpcdl.atomic): never read, the last complete file stands
+            leftover.unlink()
+            print(f"hpcdl: removed {leftover}, a checkpoint write interrupted by a kill; {self.path} is intact", flush=True)
         if not self.path.exists():
             return None
         try:

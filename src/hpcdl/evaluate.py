@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import mlflow
-import torch
 
 from hpcdl import tracking
 from hpcdl.atomic import atomic_write_json
@@ -21,7 +20,7 @@ def evaluate_model(model, manifest: dict, splits: dict, normalise, out_dir: Path
     """Report on the test split and draw the PNGs into out_dir (shared with the finetune stage)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     test = splits["test"]
-    logits = predict(model, test, normalise, torch.device("cpu"))
+    logits = predict(model, test, normalise)
     report = classification_report(logits, test.y, manifest["classes"])
     plot_confusion(report["confusion_matrix"], manifest["classes"], out_dir / "confusion_matrix.png", title=f"{title}: test accuracy {100 * report['accuracy']:.2f}%")
     if misclassified:

@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     torch.manual_seed(ft["seed"])
     model, arch, lineage = pretrained_model(ft["init"], args.init, manifest)
     checkpoint_dir = args.out_dir / "checkpoints"
-    digest = config_digest({"finetune": ft, "train": tr, "data": manifest["files"], "init": sha256_file(args.init)})
+    digest = config_digest({"finetune": ft, "train": tr, "data": manifest["files"], "init": sha256_file(args.init), "world_size": backend.size})
     world = backend.size
 
     def train_phase(net, name, epochs, lr, reporter, trainable_backbone):

@@ -106,9 +106,15 @@ def autocast_context(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
-def predict(model, split: Split, normalise: Normaliser, device, *, batch_size: int = 1024, precision="fp32", indices=None):
-    """Logits for `indices` (default: all) of a split, in order."""
+def predict(model, split: Split, normalise: Normaliser, *, batch_size: int = 1024, precision="fp32", indices=None):
+    """Logits (on the CPU) for `indices` (default: all) of a split, in order. The inputs go to the device the
+    model is on, wherever training left it: callers cannot pass a device that disagrees with the model's."""
+    device = model_device(model)
     model.eval()
     indices = np.arange(len(split)) if indices is None else indices
     outputs = []
@@ -122,9 +128,9 @@ def predict(model, split: Split, normalise: Normaliser, device, *, batch_size: i
     return torch.cat(outputs)
 
 
-def _sharded_eval(model, split: Split, normalise, backend: Backend, device, precision) -> dict:
+def _sharded_eval(model, split: Split, normalise, backend: Backend, precision) -> dict:
     indices = np.arange(len(split))[backend.rank :: backend.size]
-    logits = predict(model, split, normalise, device, precision=precision, indices=indices)
+    logits = predict(model, split, normalise, precision=precision, indices=indices)
     labels = torch.from_numpy(split.y[indices])
     sums = torch.zeros(3, dtype=torch.float64)
     if len(indices):
@@ -144,15 +150,15 @@ def _seed_everything(seed: int, epoch: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(mixed)
 
 
-def rng_states() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
 class EpochReporter:
     """Receives each finished epoch's metrics on rank 0 (printing, MLflow). Subclass and override."""
 
     def on_epoch(self, phase: PhaseSpec, epoch: int, metrics: dict) -> None:
         pass
+
+    def on_resume(self, phase: PhaseSpec, history: list[dict]) -> None:
+        """Called before training continues from a checkpoint holding `history` (one entry per finished epoch):
+        report the epochs a killed attempt checkpointed but did not get to report."""
 
 
 def fit(
@@ -192,8 +198,10 @@ def fit(
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         history, start_epoch = list(resume["history"]), resume["epoch"]
+        if backend.is_root:
+            reporter.on_resume(spec, history)
     backend.sync_initial_state(unwrap(model), optimizer, resumed=resume is not None)
-    scaler = torch.amp.GradScaler("cuda") if spec.precision == "fp16" else None
+    scaler = torch.amp.GradScaler(device.type) if spec.precision == "fp16" else None
     fill = normalise.black
 
     for epoch in range(start_epoch, spec.epochs):
@@ -218,11 +226,7 @@ def fit(
                 loss = loss_sum * world / max(step_samples[step // accum], 1)
                 (scaler.scale(loss) if scaler else loss).backward()
             if last_micro:
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
+                backend.step(optimizer, scaler)
                 optimizer.zero_grad()  # set_to_none by default; Horovod's wrapper takes no arguments
                 scheduler.step()
             if len(indices):
@@ -232,7 +236,7 @@ def fit(
         sums = sums.cpu()  # waits for the device, so the time below covers all the queued work
         train_seconds = time.perf_counter() - started
         sums = backend.allreduce_sum(sums)
-        val_metrics = _sharded_eval(unwrap(model), val, normalise, backend, device, spec.precision)
+        val_metrics = _sharded_eval(unwrap(model), val, normalise, backend, spec.precision)
         metrics = {
             "loss": sums[0].item() / sums[2].item(),
             "accuracy": sums[1].item() / sums[2].item(),
@@ -244,9 +248,8 @@ def fit(
         }
         history.append(metrics)
         if backend.is_root:
-            # Report first, then checkpoint: a kill in between re-runs (and re-reports) this epoch rather
-            # than losing its record.
-            reporter.on_epoch(spec, epoch, metrics)
+            # Checkpoint first, then report: a kill in between leaves an epoch that is saved but not reported,
+            # which the resumed attempt reports (on_resume). Each epoch is trained once and reported once.
             if store is not None:
                 store.save(
                     {
@@ -255,10 +258,9 @@ def fit(
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                         "history": history,
-                        "rng": rng_states(),
-                        "world_size": world,
                     }
                 )
+            reporter.on_epoch(spec, epoch, metrics)
         if epoch + 1 < spec.epochs and backend.broadcast_object(bool(should_stop()), root=0):
             break
     return unwrap(model), history

@@ -101,6 +101,15 @@ class MlflowEpochReporter(EpochReporter):
         print(epoch_line(phase.name, epoch, phase.epochs, metrics, left), flush=True)
         mlflow.log_metrics({f"{self.prefix}{k}": v for k, v in metrics.items()}, step=self.step_offset + epoch)
 
+    def on_resume(self, phase: PhaseSpec, history: list[dict]) -> None:
+        # One log_metrics call per epoch is one batch in the store: an epoch is either logged whole or not at all.
+        run_id = mlflow.active_run().info.run_id
+        logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, f"{self.prefix}loss")}
+        for epoch, metrics in enumerate(history):
+            if self.step_offset + epoch not in logged:
+                mlflow.log_metrics({f"{self.prefix}{k}": v for k, v in metrics.items()}, step=self.step_offset + epoch)
+                print(f"hpcdl: logged epoch {epoch + 1} of {phase.name}, checkpointed but not reported before the interruption", flush=True)
+
 
 def model_record(model, *, arch: str, manifest: dict, **extra) -> dict:
     """The model file passed between stages: weights plus what is needed to rebuild and feed the model."""

@@ -44,7 +44,8 @@ def main(argv=None) -> int:
     backend, device = start_backend(cfg["backend"], cfg["threads_per_rank"], cfg.get("compression", "none"))
     manifest, splits, normalise = load_data(args.data_dir)
     checkpoint_dir = args.out_dir / "checkpoints"
-    digest = config_digest({"train": cfg, "data": manifest["files"]})
+    # The world size is part of the settings: other shards and another loss scale would not resume exactly.
+    digest = config_digest({"train": cfg, "data": manifest["files"], "world_size": backend.size})
     store = CheckpointStore(checkpoint_dir / "train.pt", digest)
     resume = backend.broadcast_object(store.load() if backend.is_root else None)
 
@@ -102,7 +103,7 @@ def log_split_inputs(manifest: dict, splits: dict, data_dir: Path) -> None:
 
 def finish(model, cfg, manifest, splits, normalise, history, out_dir: Path, run) -> None:
     """Rank 0: log and register the model, then write the rule's outputs (last, so they mean 'complete')."""
-    val_logits = predict(model, splits["val"], normalise, torch.device("cpu"))
+    val_logits = predict(model, splits["val"], normalise)
     val_report = classification_report(val_logits, splits["val"].y, manifest["classes"])
     mlflow.log_metrics({"final_val_accuracy": val_report["accuracy"], "final_val_loss": val_report["loss"]})
     example = normalise(splits["val"].x[:4]).numpy()
