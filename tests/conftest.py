@@ -15,7 +15,7 @@ import yaml
 
 from hpcdl.launch import LOCAL_MPIRUN
 
-pytest_plugins = ["data_fixtures", "slurm_fixtures", "container_fixtures"]  # HTTP server and writers; Slurm test cluster; Apptainer + image
+pytest_plugins = ["data_fixtures", "slurm_fixtures", "container_fixtures", "browser_fixtures"]  # HTTP server and writers; Slurm test cluster; Apptainer + image; MLflow server + chromium
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -96,3 +96,27 @@ def require_or_fail(condition: bool, reason: str) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"required under CI: {reason}")
     pytest.skip(reason)
+
+
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+
+
+def snakemake(results: Path, *args, timeout=900, cwd=REPO):
+    """`snakemake --cores 2 ... --config results=<results>` in the checkout, as a user runs it."""
+    command = [SNAKEMAKE, "--cores", "2", *args, "--config", f"results={results}"]
+    return subprocess.run(command, cwd=cwd, env=mpi_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory):
+    """The default pipeline, run once per session by a plain `snakemake` (local profile): (results, completed run)."""
+    import time
+
+    results = tmp_path_factory.mktemp("pipeline") / "results"
+    started = time.monotonic()
+    run = snakemake(results)
+    elapsed = time.monotonic() - started
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-6000:]
+    print(f"default pipeline: {elapsed:.1f} s wall")
+    return results, run
+

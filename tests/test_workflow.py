@@ -4,36 +4,21 @@ the accuracy targets met, and Snakemake's incremental behaviour kept (nothing re
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
-from pathlib import Path
+import re
 
-import mlflow
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, assert_results_meet_the_targets, mpi_env
+from conftest import assert_results_meet_the_targets, snakemake
+from hpcdl.launch import local_cores
 
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
-STAGES = ["fetch", "fetch", "preprocess", "preprocess", "train", "evaluate", "finetune"]
-
-
-def snakemake(results: Path, *args, timeout=900):
-    command = [SNAKEMAKE, "--cores", "2", *args, "--config", f"results={results}"]
-    return subprocess.run(command, cwd=REPO, env=mpi_env(), capture_output=True, text=True, timeout=timeout)
+# What the runs table shows: the two fetch and preprocess runs are told apart by their role.
+STAGES = ["fetch-pretrain", "fetch-finetune", "preprocess-pretrain", "preprocess-finetune", "train", "evaluate", "finetune"]
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    results = tmp_path_factory.mktemp("pipeline") / "results"
-    started = time.monotonic()
-    run = snakemake(results)
-    elapsed = time.monotonic() - started
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-6000:]
-    print(f"default pipeline: {elapsed:.1f} s wall")
-    mlflow.set_tracking_uri(f"sqlite:///{results}/mlflow.db")
-    return results, run
+def client_of(results) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{results}/mlflow.db")
 
 
 @pytest.mark.slow
@@ -50,8 +35,9 @@ def test_default_pipeline_meets_accuracy_targets(pipeline):
 @pytest.mark.slow
 def test_mlflow_holds_one_parent_run_with_a_child_per_stage(pipeline):
     results, run = pipeline
-    client = MlflowClient()
+    client = client_of(results)
     experiment = client.get_experiment_by_name("hpcdl-default")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development", "marked for the UI's Model training mode"
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1
@@ -61,6 +47,10 @@ def test_mlflow_holds_one_parent_run_with_a_child_per_stage(pipeline):
     children = {r.info.run_id: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert sorted(r.info.run_name for r in children.values()) == sorted(STAGES)
     assert all(r.info.status == "FINISHED" for r in children.values())
+    for child in children.values():
+        assert child.data.tags["snakemake.rule"] == child.info.run_name.split("-")[0]
+    links = set(re.findall(r"runs table: (\S+)", run.stdout + run.stderr))
+    assert links == {f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"}, links
 
     train = next(r for r in children.values() if r.info.run_name == "train")
     assert train.data.params["train.lr"] == "0.05" and train.data.params["train.ranks"] == "2"
@@ -96,7 +86,7 @@ def test_rerun_without_changes_does_nothing(pipeline):
     again = snakemake(results)
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr
-    client = MlflowClient()
+    client = client_of(results)
     experiment = client.get_experiment_by_name("hpcdl-default")
     parents = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1, "an invocation with nothing to do opens no parent run"
@@ -113,3 +103,28 @@ def test_changing_a_finetune_key_reruns_only_finetune(pipeline):
     assert "rule finetune:" in jobs
     for stage in ("rule train:", "rule evaluate:", "rule preprocess:", "rule fetch:"):
         assert stage not in jobs, f"{stage} must not re-run for a finetune-only change"
+
+
+@pytest.mark.slow
+def test_more_ranks_than_cores_run_oversubscribed_with_one_warning(tmp_path):
+    """A local run asking for more ranks than this machine has cores runs them (Open MPI would refuse: "not enough
+    slots") and says so once in each MPI job's log."""
+    ranks = local_cores() + 1
+    overrides = tmp_path / "ranks.yaml"
+    overrides.write_text(yaml.safe_dump({
+        "train": {"ranks": ranks, "epochs": 1},
+        "finetune": {"ranks": ranks, "epochs_frozen": 1, "epochs_unfrozen": 0, "baseline": False},
+    }))
+    results = tmp_path / "results"
+    run = snakemake(results, f"{results}/finetune/metrics.json", "--configfile", str(overrides))
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    warning = f"hpcdl: warning: {ranks} MPI ranks x 1 thread(s) on {local_cores()} cores: the ranks share cores (oversubscribed)"
+    for stage in ("train", "finetune"):
+        log = (results / "logs" / f"{stage}.log").read_text()
+        assert sum(line.startswith(warning) for line in log.splitlines()) == 1, log[:2000]
+        assert "not enough slots" not in log
+    client = client_of(results)
+    runs = client.search_runs([client.get_experiment_by_name("hpcdl-default").experiment_id])
+    train = next(r for r in runs if r.info.run_name == "train")
+    assert train.data.tags["world_size"] == str(ranks)
+

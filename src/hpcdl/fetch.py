@@ -31,7 +31,8 @@ def main(argv=None) -> int:
     params = args.params
     stage = "fetch_weights" if args.weights_out else "fetch"
     tags = tracking.runtime_tags(stage, image_record=params.get("image_record"), role=params.get("role"), arch=params.get("arch"))
-    with tracking.stage_run(params["mlflow"], stage=stage, parent_run_file=args.parent_run, tags=tags) as run:
+    run_name = f"fetch_weights-{params['arch']}" if args.weights_out else f"fetch-{params['role']}"
+    with tracking.stage_run(params["mlflow"], stage=stage, parent_run_file=args.parent_run, tags=tags, run_name=run_name) as run:
         if args.weights_out:
             path = fetch_weights(params["weights"], args.weights_out)
             mlflow.log_params({"weights.arch": params["arch"], "weights.source": params["weights"].get("url") or params["weights"]["path"], "weights.sha256": params["weights"]["sha256"]})

@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     params, data = args.params, args.params["data"]
     tags = tracking.runtime_tags("preprocess", image_record=params.get("image_record"), role=params["role"])
-    with tracking.stage_run(params["mlflow"], stage="preprocess", parent_run_file=args.parent_run, tags=tags):
+    with tracking.stage_run(params["mlflow"], stage="preprocess", parent_run_file=args.parent_run, tags=tags, run_name=f"preprocess-{params['role']}"):
         images, labels, classes = load_raw(args.raw_dir)
         provenance = read_fetch_record(args.raw_dir)
         manifest = write_dataset(

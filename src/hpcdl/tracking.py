@@ -39,19 +39,31 @@ def configure(mlflow_cfg: dict) -> str:
         artifact_location = (db_path.parent / "mlartifacts").resolve().as_uri()
     client = MlflowClient()
     experiment = client.get_experiment_by_name(mlflow_cfg["experiment"])
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(mlflow_cfg["experiment"], artifact_location=artifact_location)
-    except mlflow.exceptions.MlflowException:  # created meanwhile by another process
-        return client.get_experiment_by_name(mlflow_cfg["experiment"]).experiment_id
+    if experiment is None:
+        try:
+            experiment_id = client.create_experiment(mlflow_cfg["experiment"], artifact_location=artifact_location, tags=EXPERIMENT_TAGS)
+        except mlflow.exceptions.MlflowException:  # created meanwhile by another process
+            experiment = client.get_experiment_by_name(mlflow_cfg["experiment"])
+        else:
+            return experiment_id
+    if any(experiment.tags.get(key) != value for key, value in EXPERIMENT_TAGS.items()):
+        for key, value in EXPERIMENT_TAGS.items():
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
+
+
+# MLflow 3's UI opens an experiment in its GenAI mode unless told otherwise: this tag marks the experiment as
+# classic model development, and the links hpcdl prints carry the UI's workflowType parameter too.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+UI_MODE = "workflowType=machine_learning"
 
 
 def runs_url(mlflow_cfg: dict, experiment_id: str) -> str:
-    """Where a user sees the run tree: the classic runs table (the 3.x UI opens on a GenAI overview)."""
+    """Where a user sees the run tree: the classic runs table in the UI's "Model training" mode (MLflow 3.x opens
+    an experiment on its GenAI overview otherwise)."""
     uri = mlflow_cfg["tracking_uri"]
     base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment_id}/runs"
+    return f"{base}/#/experiments/{experiment_id}/runs?{UI_MODE}"
 
 
 IMAGE_BUILD_INFO = Path("/opt/hpcdl/build-info.json")  # written by containers/hpcdl.def
@@ -131,14 +143,15 @@ def read_parent_run_id(path) -> str | None:
 
 
 @contextlib.contextmanager
-def stage_run(mlflow_cfg: dict, *, stage: str, parent_run_file=None, run_id: str | None = None, tags: dict | None = None):
-    """The stage's child run (or the run `run_id` when resuming): active inside the block, FAILED on error."""
+def stage_run(mlflow_cfg: dict, *, stage: str, parent_run_file=None, run_id: str | None = None, tags: dict | None = None, run_name: str | None = None):
+    """The stage's child run (or the run `run_id` when resuming): active inside the block, FAILED on error.
+    run_name: what the runs table shows (default: the stage; fetch and preprocess add their role)."""
     experiment_id = configure(mlflow_cfg)
     if run_id is not None:
         context = mlflow.start_run(run_id=run_id)
     else:
         parent = read_parent_run_id(parent_run_file) if parent_run_file else None
-        context = mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent, tags=tags)
+        context = mlflow.start_run(experiment_id=experiment_id, run_name=run_name or stage, parent_run_id=parent, tags=tags)
     with context as run:
         if run_id is not None and tags:
             mlflow.set_tags(tags)
