@@ -1,22 +1,27 @@
-"""Fixtures of the Slurm tests: a real single-node Slurm cluster (tests/slurm/cluster-up.sh), an unprivileged user
-who submits to it, and copies of the workflow that user owns.
+"""Fixtures of the Slurm tests: a real multi-node Slurm cluster on this machine (tests/slurm/cluster-up.sh), an
+unprivileged user who submits to it, and copies of the workflow that user owns.
 
-    slurm_cluster   session: the cluster is up (started here, stopped at the end; left alone if it was already up)
-    slurm_user      session: `hpcdl-ci`, able to run this checkout's venv; .run()/.popen() run commands as that user
+    machine         session: the machine-wide changes the tests make, each undone at the end of the session
+    slurm_cluster   session: the cluster, started from nothing (nodes n1, n2, each with its own host name and
+                    node-local /tmp) and stopped at the end
+    slurm_user      session: `hpcdl-ci` (created here when missing, and then deleted at the end), able to run this
+                    checkout's venv; .run()/.popen() run commands as that user
     slurm_workdir   factory: a fresh copy of Snakefile, workflow/, config/, profiles/ owned by the user
     run_snakemake   helper: `snakemake <args>` as the user in a work dir (the repository's venv)
     profile_variant helper: a copy of profiles/slurm-test with some `__variables__` changed (gpus, train_runtime, ...)
 
 Root on Debian only (the cluster script installs packages and starts daemons). Elsewhere the tests skip with the
-reason; with CI=true they fail instead (require_or_fail). Set HPCDL_SLURM_DIR to move the cluster's state and logs
-(default /tmp/hpcdl-slurm), HPCDL_SLURM_WORK for the users' work dirs (default /tmp/hpcdl-slurm-work, emptied at the
-start of each session and kept afterwards for inspection).
+reason; with CI=true they fail instead (require_or_fail). HPCDL_SLURM_DIR moves the cluster's state and logs
+(default /var/tmp/hpcdl-slurm), HPCDL_SLURM_WORK the users' work dirs (default /var/tmp/hpcdl-slurm-work, emptied
+at the start of each session and kept afterwards for inspection). Neither may lie under /tmp: every node has a
+/tmp of its own, and work dirs play the cluster's shared file system.
 """
 
 from __future__ import annotations
 
 import os
 import json
+import pwd
 import re
 import shutil
 import stat
@@ -30,75 +35,129 @@ import pytest
 
 from conftest import REPO, require_or_fail
 
-SLURM_DIR = Path(os.environ.get("HPCDL_SLURM_DIR", "/tmp/hpcdl-slurm"))
-WORK_ROOT = Path(os.environ.get("HPCDL_SLURM_WORK", "/tmp/hpcdl-slurm-work"))
+SLURM_DIR = Path(os.environ.get("HPCDL_SLURM_DIR", "/var/tmp/hpcdl-slurm"))
+WORK_ROOT = Path(os.environ.get("HPCDL_SLURM_WORK", "/var/tmp/hpcdl-slurm-work"))
+SLURM_CONF = SLURM_DIR / "etc" / "slurm.conf"
 USER = os.environ.get("HPCDL_SLURM_USER", "hpcdl-ci")
+NODES = int(os.environ.get("HPCDL_SLURM_NODES", "2"))
 PARTITION = "debug"
 SCRIPTS = REPO / "tests" / "slurm"
 VENV_BIN = Path(sys.executable).parent  # not resolved: the venv's bin, whose python links to the base interpreter
 SNAKEMAKE = VENV_BIN / "snakemake"
 WORKFLOW_FILES = ("Snakefile", "workflow", "config", "profiles")
+EXTRA_PATH: list[str] = []  # folders put first on the test user's PATH (e.g. Apptainer's, by container_fixtures)
 
 
 def _require_root_debian() -> None:
     require_or_fail(os.geteuid() == 0, "the Slurm tests start a real Slurm cluster: run them as root (CI does)")
     require_or_fail(Path("/etc/debian_version").exists(), "the Slurm tests need Debian (apt-get slurm-wlm munge)")
     require_or_fail(shutil.which("runuser") is not None, "the Slurm tests need runuser (util-linux)")
+    for path in (SLURM_DIR, WORK_ROOT):
+        if Path("/tmp") in [path, *path.parents]:
+            pytest.fail(f"{path} lies under /tmp, which is private to each node of the test cluster")
 
 
-def _daemons_up() -> bool:
-    def alive(pidfile: Path, name: str) -> bool:
-        try:
-            pid = pidfile.read_text().strip()
-            return Path(f"/proc/{pid}/comm").read_text().strip() == name
-        except OSError:
-            return False
+class MachineChanges:
+    """Machine-wide changes the tests make (a user, permissions, lines in /etc files), each recorded with its undo
+    and undone in reverse order at the end of the session, so that the machine ends as it began (.ci/run checks)."""
 
-    return alive(SLURM_DIR / "slurmctld.pid", "slurmctld") and alive(SLURM_DIR / "slurmd.pid", "slurmd")
+    def __init__(self):
+        self._undo: list[tuple[str, object]] = []
+
+    def made(self, what: str, undo) -> None:
+        self._undo.append((what, undo))
+
+    def restore(self) -> None:
+        for what, undo in reversed(self._undo):
+            try:
+                undo()
+            except Exception as error:  # keep undoing the rest; say what could not be undone
+                print(f"could not undo {what}: {error}", file=sys.stderr)
+        self._undo.clear()
+
+    def chmod(self, path: Path, mode: int) -> None:
+        """chmod, remembering the old mode."""
+        old = stat.S_IMODE(path.stat().st_mode)
+        if old != mode:
+            os.chmod(path, mode)
+            self.made(f"chmod {oct(mode)} {path}", lambda: os.chmod(path, old))
+
+    def append_line(self, path: Path, line: str) -> None:
+        """Append a line to a text file (created if missing), removing exactly that line again at the end."""
+        existed = path.exists()
+        text = path.read_text() if existed else ""
+        if line in text.splitlines():
+            return
+        with path.open("a") as f:
+            f.write(("" if not text or text.endswith("\n") else "\n") + line + "\n")
+
+        def undo():
+            lines = path.read_text().splitlines(keepends=True)
+            lines.remove(line + "\n")
+            if lines or existed:
+                path.write_text("".join(lines))
+            else:
+                path.unlink()
+
+        self.made(f"line {line!r} in {path}", undo)
+
+
+@pytest.fixture(scope="session")
+def machine():
+    changes = MachineChanges()
+    yield changes
+    changes.restore()
 
 
 @dataclass(frozen=True)
 class SlurmCluster:
     state_dir: Path
-    node: str
+    nodes: tuple[str, ...]
     partition: str
+    conf: Path
     up_seconds: float  # how long cluster-up.sh took in this session
+
+    def node_tmp(self, node: str) -> Path:
+        """The folder that is /tmp on `node`."""
+        return self.state_dir / "nodes" / node / "tmp"
 
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> SlurmCluster:
-    """The test cluster, up. Started by this session (and stopped at its end) unless it already ran."""
+    """The test cluster, started from nothing by this session and stopped at its end."""
     _require_root_debian()
-    was_up = _daemons_up()
     started = time.monotonic()
-    up = subprocess.run(["bash", str(SCRIPTS / "cluster-up.sh"), str(SLURM_DIR)], capture_output=True, text=True, timeout=900)
+    env = dict(os.environ, HPCDL_SLURM_NODES=str(NODES))
+    up = subprocess.run(["bash", str(SCRIPTS / "cluster-up.sh"), str(SLURM_DIR)], capture_output=True, text=True, timeout=900, env=env)
     elapsed = time.monotonic() - started
     if up.returncode != 0:
         pytest.fail(f"tests/slurm/cluster-up.sh failed ({up.returncode}):\n{up.stdout[-3000:]}\n{up.stderr[-8000:]}")
-    print(f"slurm cluster-up: {elapsed:.1f} s ({'already up' if was_up else 'started'})")
-    node = subprocess.run(["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
-    yield SlurmCluster(SLURM_DIR, node, PARTITION, elapsed)
-    if not was_up:
+    print(f"slurm cluster-up: {elapsed:.1f} s, {NODES} nodes")
+    os.environ["SLURM_CONF"] = str(SLURM_CONF)  # this process's sinfo/squeue/scancel
+    try:
+        yield SlurmCluster(SLURM_DIR, tuple(f"n{i}" for i in range(1, NODES + 1)), PARTITION, SLURM_CONF, elapsed)
+    finally:
         down = subprocess.run(["bash", str(SCRIPTS / "cluster-down.sh"), str(SLURM_DIR)], capture_output=True, text=True, timeout=180)
         if down.returncode != 0:
             print(f"tests/slurm/cluster-down.sh failed ({down.returncode}):\n{down.stdout}\n{down.stderr}", file=sys.stderr)
+        os.environ.pop("SLURM_CONF", None)
 
 
-def _make_traversable(path: Path) -> list[str]:
+def _make_traversable(path: Path, machine: MachineChanges) -> list[str]:
     """Give others search (x) permission on every directory above `path` and read permission on the path itself,
-    where missing: the venv's interpreter may live under /root (pyenv). Returns what was changed."""
+    where missing (the venv's interpreter may live under /root, pyenv); undone at the end of the session."""
     changed = []
     path = Path(path)
     for directory in reversed([p for p in path.parents]):
-        mode = directory.stat().st_mode
+        mode = stat.S_IMODE(directory.stat().st_mode)
         if not mode & stat.S_IXOTH:
-            os.chmod(directory, mode | stat.S_IXOTH)
+            machine.chmod(directory, mode | stat.S_IXOTH)
             changed.append(f"o+x {directory}")
     if path.exists():
-        mode = path.stat().st_mode
+        mode = stat.S_IMODE(path.stat().st_mode)
         wanted = stat.S_IROTH | (stat.S_IXOTH if path.is_dir() or mode & stat.S_IXUSR else 0)
         if mode & wanted != wanted:
-            os.chmod(path, mode | wanted)
+            machine.chmod(path, mode | wanted)
             changed.append(f"o+r{'x' if wanted & stat.S_IXOTH else ''} {path}")
     return changed
 
@@ -119,10 +178,11 @@ class SlurmUser:
             "USER": self.name,
             "LOGNAME": self.name,
             "SHELL": "/bin/bash",
-            "PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+            "PATH": ":".join([*EXTRA_PATH, str(VENV_BIN), "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"]),
             "LANG": os.environ.get("LANG", "C.UTF-8"),
             "PYTHONUNBUFFERED": "1",
             "TMPDIR": "/tmp",
+            "SLURM_CONF": str(SLURM_CONF),
         }
         env.update({k: str(v) for k, v in extra.items()})
         return env
@@ -142,19 +202,19 @@ class SlurmUser:
 
 
 @pytest.fixture(scope="session")
-def slurm_user(slurm_cluster) -> SlurmUser:
-    """`hpcdl-ci`, checked to be able to import this checkout's packages from the venv (as on a cluster, where the
-    venv lies on a shared file system readable by the user)."""
-    import pwd
-
+def slurm_user(slurm_cluster, machine) -> SlurmUser:
+    """`hpcdl-ci`, created when missing (and deleted at the end), checked to be able to import this checkout's packages
+    from the venv (as on a cluster, where the venv lies on a shared file system readable by the user)."""
     try:
         entry = pwd.getpwnam(USER)
     except KeyError:
-        pytest.fail(f"user {USER} missing: tests/slurm/cluster-up.sh creates it")
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", "--user-group", USER], check=True, capture_output=True, text=True)
+        machine.made(f"user {USER}", lambda: subprocess.run(["userdel", "--remove", USER], capture_output=True, check=True))
+        entry = pwd.getpwnam(USER)
     user = SlurmUser(USER, Path(entry.pw_dir), entry.pw_uid, entry.pw_gid)
     changed = []
     for path in (Path(sys.executable).resolve(), VENV_BIN, REPO / "src", REPO / "src" / "hpcdl"):
-        changed += _make_traversable(path)
+        changed += _make_traversable(path, machine)
     if changed:
         print(f"made the venv reachable for {USER}: {', '.join(changed)}")
     probe = user.run([sys.executable, "-c", "import hpcdl, snakemake, torch, mpi4py, mlflow, snakemake_executor_plugin_slurm"], cwd="/", timeout=300)
@@ -164,12 +224,12 @@ def slurm_user(slurm_cluster) -> SlurmUser:
 
 
 @pytest.fixture(scope="session")
-def _work_root(slurm_user) -> Path:
+def _work_root(slurm_user, machine) -> Path:
     if WORK_ROOT.exists():
         shutil.rmtree(WORK_ROOT)
     WORK_ROOT.mkdir(parents=True)
     WORK_ROOT.chmod(0o755)
-    _make_traversable(WORK_ROOT)
+    _make_traversable(WORK_ROOT, machine)
     return WORK_ROOT
 
 

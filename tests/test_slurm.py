@@ -27,7 +27,7 @@ from slurm_fixtures import SNAKEMAKE, chown_tree, mlflow_runs, profile_variant, 
 
 CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 RANKS = CONFIG["train"]["ranks"]
-STAGES = ["fetch", "fetch", "preprocess", "preprocess", "train", "evaluate", "finetune"]
+STAGES = ["fetch-pretrain", "fetch-finetune", "preprocess-pretrain", "preprocess-finetune", "train", "evaluate", "finetune"]
 LOCAL_RULES = {"fetch"}  # (the parent MLflow run is opened by onstart, on the submitting host)
 PROFILE = "profiles/slurm-test"
 SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: \S*/slurm_logs/rule_(\w+)/(?:(\w+)/)?\d+\.log\)")
@@ -169,6 +169,21 @@ def test_sbatch_gpu_geometry_is_one_rank_per_gpu(sbatch_spy):
     assert [a for a in args if a.startswith("--ntasks-per-gpu")] == ["--ntasks-per-gpu=1"], args
 
 
+@pytest.mark.parametrize(("ranks", "nodes", "geometry"), [(2, 2, {"--nodes": "2", "--ntasks": "2", "--ntasks-per-node": None}),
+                                                       (4, 2, {"--nodes": "2", "--ntasks-per-node": "2", "--ntasks": None})])
+def test_sbatch_spreads_the_ranks_evenly_over_the_configured_nodes(sbatch_spy, slurm_user, ranks, nodes, geometry):
+    """train.nodes reaches Slurm as --nodes, with ranks / nodes tasks on each: one per node by Slurm's own rule
+    when ranks == nodes, else --ntasks-per-node (the plugin takes one of --ntasks or --ntasks-per-node)."""
+    workdir, submit = sbatch_spy
+    (workdir / "results" / "train" / "model.pt").unlink(missing_ok=True)
+    overrides = workdir / f"geometry-{ranks}-{nodes}.yaml"
+    overrides.write_text(f"train:\n  ranks: {ranks}\n  nodes: {nodes}\n")
+    chown_tree(overrides, slurm_user)
+    args = submit("results/train/model.pt", extra=("--configfile", "config/config.yaml", overrides.name, "--"))["train"][0]
+    for name, value in geometry.items():
+        assert option(args, name) == value, (name, args)
+
+
 # --- 2. the whole pipeline -----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -236,11 +251,12 @@ def test_mlflow_parent_with_seven_children_tagged_with_their_slurm_jobs(slurm_pi
     jobs = {(rule, wildcards): slurm_id for _, slurm_id, rule, wildcards in SUBMITTED.findall(log)}
     for run in children:
         tags = run["tags"]
-        if run["name"] in LOCAL_RULES:
+        rule = tags["snakemake.rule"]
+        if rule in LOCAL_RULES:
             assert "slurm.job_id" not in tags, f"{run['name']} ran on the submit host, not in a Slurm job"
             continue
-        role = run["params"].get("role", "") if run["name"] == "preprocess" else ""
-        assert tags.get("slurm.job_id") == jobs[(run["name"], role)], (run["name"], role, tags)
+        role = run["params"].get("role", "") if rule == "preprocess" else ""
+        assert tags.get("slurm.job_id") == jobs[(rule, role)], (run["name"], role, tags)
         assert tags.get("slurm.partition") == "debug" and tags.get("slurm.nodelist"), tags
     train = next(r for r in children if r["name"] == "train")
     assert train["tags"]["slurm.ntasks"] == str(RANKS) and train["tags"]["world_size"] == str(RANKS)

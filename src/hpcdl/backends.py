@@ -47,7 +47,8 @@ class Backend:
     name = "base"
     rank = 0
     size = 1
-    local_rank = 0
+    local_rank = 0  # rank among the ranks of this node: selects the GPU
+    hosts: list[str] = []  # host name of every rank, in rank order (set by stage_runtime.start_backend)
 
     def device(self) -> torch.device:
         if torch.cuda.is_available():
@@ -219,7 +220,9 @@ def _shared_split_type():
 
 
 def _rendezvous_address() -> tuple[str, int]:
-    """Rank 0's host and a port free on it, for torch.distributed's TCP store."""
+    """Rank 0's host and a port free on it, for torch.distributed's TCP store. Found on rank 0's own node and sent
+    to the others over MPI; its host name must resolve on every node (true of cluster node names; set
+    HPCDL_MASTER_ADDR to an address when it does not, e.g. to pick the fast network's name)."""
     host = os.environ.get("HPCDL_MASTER_ADDR") or socket.gethostname()
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("", 0))

@@ -71,6 +71,18 @@ def describe(error: ValidationError) -> str:
     return f"{key}: {_show(value)}: {error.message.splitlines()[0][:120]}"
 
 
+def rule_errors(config: dict) -> list[str]:
+    """What a JSON schema cannot say: relations between keys."""
+    lines = []
+    for stage in ("train", "finetune"):
+        section = config.get(stage)
+        if isinstance(section, dict) and isinstance(section.get("ranks"), int) and isinstance(section.get("nodes"), int):
+            if section["ranks"] % section["nodes"]:
+                lines.append(f"{stage}.ranks: {section['ranks']} is not a multiple of {stage}.nodes ({section['nodes']}): "
+                             "the ranks are spread evenly over the nodes")
+    return lines
+
+
 def config_errors(config: dict, schema: dict) -> list[str]:
     validator = Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
@@ -79,7 +91,7 @@ def config_errors(config: dict, schema: dict) -> list[str]:
         line = describe(error)
         if line not in lines:
             lines.append(line)
-    return lines
+    return lines or rule_errors(config)
 
 
 def check_config(config: dict, schema_path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 from pathlib import Path
 
 import mlflow
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from hpcdl import tracking
-from hpcdl.backends import Backend, abort_all_ranks, make_backend
+from hpcdl.backends import Backend, abort_all_ranks, make_backend, mpi_comm
 from hpcdl.atomic import atomic_torch_save
 from hpcdl.data.prepare import load_split, read_manifest
 from hpcdl.loop import EpochReporter, Normaliser, PhaseSpec, Split
@@ -26,6 +27,7 @@ def start_backend(name: str, threads: int, compression: str = "none") -> tuple[B
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     backend = make_backend(name, compression=compression)
+    backend.hosts = mpi_comm().allgather(socket.gethostname())  # where every rank runs, for the MLflow record
     return backend, backend.device()
 
 
@@ -166,4 +168,9 @@ def log_model(model, *, registered_name: str, example: np.ndarray):
 
 
 def stage_tags(stage: str, backend: Backend, image_record=None, **extra) -> dict:
-    return tracking.runtime_tags(stage, image_record=image_record, world_size=backend.size, backend=backend.name, **extra)
+    """Where and how the ranks ran: world size, backend, and the host of every rank (`hosts` in rank order, the
+    number of `nodes` and the most `ranks_per_node`), beside the Slurm job's own record (slurm.nodelist)."""
+    hosts = list(dict.fromkeys(backend.hosts))
+    per_node = max(backend.hosts.count(host) for host in hosts)
+    return tracking.runtime_tags(stage, image_record=image_record, world_size=backend.size, backend=backend.name,
+                                 hosts=",".join(hosts), nodes=len(hosts), ranks_per_node=per_node, **extra)

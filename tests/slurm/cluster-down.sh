@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
-# Stop the test cluster that tests/slurm/cluster-up.sh started: cancel its jobs, then stop exactly the daemons
-# whose pid files lie in STATE_DIR (slurmd, slurmctld, munged if it started one). Leaves nothing running.
+# Stop the test cluster that tests/slurm/cluster-up.sh started: cancel its jobs, then stop exactly the daemons whose
+# pid files lie in STATE_DIR (every node's slurmd, slurmctld, munged) and the job steps they left. Leaves nothing
+# running; STATE_DIR (configuration and logs) stays for inspection until the next cluster-up.sh wipes it.
 #
-#   tests/slurm/cluster-down.sh [STATE_DIR]    # default: $HPCDL_SLURM_DIR or /tmp/hpcdl-slurm
-#
-# The configuration (/etc/slurm/slurm.conf, mpi.conf) and the logs in STATE_DIR stay, for inspection; a later
-# cluster-up.sh rewrites the configuration and starts the cluster with no jobs.
+#   tests/slurm/cluster-down.sh [STATE_DIR]    # default: $HPCDL_SLURM_DIR or /var/tmp/hpcdl-slurm
 set -uo pipefail
 
-STATE_DIR=${1:-${HPCDL_SLURM_DIR:-/tmp/hpcdl-slurm}}
+STATE_DIR=${1:-${HPCDL_SLURM_DIR:-/var/tmp/hpcdl-slurm}}
 say() { echo "cluster-down: $*" >&2; }
 
 [ "$(id -u)" = 0 ] || { say "ERROR: must run as root"; exit 1; }
@@ -16,6 +14,7 @@ if [ ! -d "$STATE_DIR" ]; then
     say "nothing to do ($STATE_DIR does not exist)"
     exit 0
 fi
+export SLURM_CONF=$STATE_DIR/etc/slurm.conf
 
 alive_pid() {  # alive_pid PIDFILE NAME: print the pid in PIDFILE if it runs a process called NAME
     local pid
@@ -49,13 +48,15 @@ if alive_pid "$STATE_DIR/slurmctld.pid" slurmctld >/dev/null; then
         done
     fi
 fi
-stop "$STATE_DIR/slurmd.pid" slurmd
+for pidfile in "$STATE_DIR"/slurmd.*.pid; do
+    [ -e "$pidfile" ] && stop "$pidfile" slurmd
+done
 stop "$STATE_DIR/slurmctld.pid" slurmctld
-# Step daemons of this cluster that survived (their jobs were cancelled; slurmd is gone): each one by pid.
+# Step daemons that survived (their jobs were cancelled, slurmd is gone). cluster-up.sh refuses to start beside a
+# Slurm it did not start, so every slurmstepd here is this cluster's.
 for pid in $(pgrep -x slurmstepd 2>/dev/null); do
     say "killing leftover slurmstepd $pid"
     kill -KILL "$pid" 2>/dev/null || true
 done
-# munged only if this cluster started it (a system munge daemon has no pid file here).
 stop "$STATE_DIR/munge/munged.pid" munged
 exit 0

@@ -5,7 +5,6 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
@@ -36,14 +35,12 @@ if IN_APPTAINER:
     STAGE_PYTHON = "python"
     # The MPI rules (train, finetune) carry no container directive: Snakemake would wrap their whole shell,
     # mpirun/srun included, in the image. They start host MPI, and each rank enters the image itself (the
-    # hybrid model), with the same apptainer arguments Snakemake gives the plain rules, plus the host's $TMPDIR,
-    # shared by the ranks of a node: Open MPI's session directory (mpirun creates it, the ranks join it) and the
-    # backing files of its shared-memory transport, which default to /dev/shm, private to each container under
-    # --contain (the ranks would fall back to TCP, warning "shared memory initialization" failed).
-    NODE_TMP = shlex.quote(tempfile.gettempdir())  # $TMPDIR, else the system default
+    # hybrid model) through workflow/scripts/rank-in-image.sh, with the same apptainer arguments Snakemake gives
+    # the plain rules; the script, run on each rank's node, adds that node's $TMPDIR, where the node's ranks
+    # share Open MPI's session directory and shared-memory files.
     MPI_STAGE_PYTHON = (
-        f"apptainer exec --home {shlex.quote(os.getcwd())} {workflow.deployment_settings.apptainer_args}"
-        f" --bind {NODE_TMP} --env OMPI_MCA_btl_vader_backing_directory={NODE_TMP} {shlex.quote(IMAGE)} python"
+        f"{shlex.quote(os.path.join(workflow.basedir, 'workflow/scripts/rank-in-image.sh'))} {shlex.quote(IMAGE)}"
+        f" --home {shlex.quote(os.getcwd())} {workflow.deployment_settings.apptainer_args} -- python"
     )
 else:
     STAGE_PYTHON = MPI_STAGE_PYTHON = HOST_PYTHON
@@ -87,24 +84,41 @@ def split_files(role):
     }
 
 
-def mpi_launch(resources):
-    """The command that starts a rule's ranks: `{mpi} -n {tasks}`; srun also gets --cpus-per-task, which an srun
-    inside an allocation does not inherit (Slurm >= 22.05), so each rank keeps its threads_per_rank CPUs.
-    A local launch (mpirun) with more ranks x threads than this machine's cores runs oversubscribed and says so
-    first (launch_warning); on Slurm the allocation decides."""
-    launcher = f"{resources.mpi} -n {resources.tasks}"
+def mpi_resources(stage):
+    """The Slurm geometry of an MPI stage from config[stage]: `nodes`, and its `ranks` spread evenly over them.
+    The executor plugin takes either `tasks` (--ntasks) or `tasks_per_node` (--ntasks-per-node, which it accepts
+    only above 1 for MPI jobs); N ranks on N nodes are --ntasks=N --nodes=N, one per node by Slurm's own rule."""
+    ranks, nodes = config[stage]["ranks"], config[stage]["nodes"]
+    if nodes > 1 and ranks // nodes > 1:
+        return {"nodes": nodes, "tasks_per_node": ranks // nodes}
+    return {"nodes": nodes, "tasks": ranks}
+
+
+def mpi_launch(resources, stage):
+    """The command that starts a stage's ranks. On Slurm: `srun --mpi=pmix -n <ranks> -N <nodes>
+    --ntasks-per-node=<ranks / nodes> --cpus-per-task=<threads> --kill-on-bad-exit=1`: the geometry is explicit
+    because an srun inside an allocation inherits none of it (the jobstep executor removes SLURM_* variables, and
+    Slurm >= 22.05 no longer passes --cpus-per-task on); --kill-on-bad-exit ends the step when one rank dies, so no
+    rank on another node waits in a collective for it. Locally: mpirun -n <ranks> on this one machine."""
+    ranks, nodes, threads = config[stage]["ranks"], config[stage]["nodes"], config[stage]["threads_per_rank"]
     if resources.mpi.split()[0] == "srun":
-        return launcher + f" --cpus-per-task={resources.cpus_per_task}"
-    return launcher
+        return (f"{resources.mpi} -n {ranks} -N {nodes} --ntasks-per-node={ranks // nodes} --cpus-per-task={threads}"
+                " --kill-on-bad-exit=1")
+    return f"{resources.mpi} -n {ranks}"
 
 
-def launch_warning(resources):
+def launch_warning(resources, stage):
     """`echo <warning>; ` when a local launch (mpirun) asks for more ranks x threads than this machine's cores
-    (it then runs oversubscribed), else nothing; on Slurm the allocation decides."""
+    (it then runs oversubscribed) or for several nodes (a local run has one), else nothing; on Slurm the
+    allocation decides."""
     if resources.mpi.split()[0] == "srun":
         return ""
-    warning = oversubscription_warning(resources.tasks, resources.cpus_per_task)
-    return f"echo {shlex.quote(warning)}; " if warning else ""
+    cfg = config[stage]
+    warnings = [oversubscription_warning(cfg["ranks"], cfg["threads_per_rank"])]
+    if cfg["nodes"] > 1:
+        warnings.append(f"hpcdl: warning: {stage}.nodes={cfg['nodes']} has no effect in a local run: all "
+                        f"{cfg['ranks']} ranks run on this machine (the Slurm profiles spread them over nodes)")
+    return "".join(f"echo {shlex.quote(w)}; " for w in warnings if w)
 
 
 # The rules whose jobs log MLflow runs: an invocation without any (`snakemake build_images`) opens no parent run.

@@ -17,8 +17,8 @@ rule finetune:
         f"{RESULTS}/logs/finetune.log",
     params:
         python=MPI_STAGE_PYTHON,
-        launch=lambda wildcards, resources: mpi_launch(resources),
-        warning=lambda wildcards, resources: launch_warning(resources),
+        launch=lambda wildcards, resources: mpi_launch(resources, "finetune"),
+        warning=lambda wildcards, resources: launch_warning(resources, "finetune"),
         parent=PARENT_RUN,
         stage=lambda wildcards: stage_params(
             finetune=config["finetune"],
@@ -29,7 +29,7 @@ rule finetune:
     threads: config["finetune"]["ranks"] * config["finetune"]["threads_per_rank"]
     resources:
         mpi=LOCAL_MPIRUN,
-        tasks=config["finetune"]["ranks"],
+        **mpi_resources("finetune"),
         cpus_per_task=config["finetune"]["threads_per_rank"],
         mem_mb_per_cpu=2000,
         runtime=120,

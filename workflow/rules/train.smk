@@ -12,8 +12,8 @@ rule train:
         f"{RESULTS}/logs/train.log",
     params:
         python=MPI_STAGE_PYTHON,
-        launch=lambda wildcards, resources: mpi_launch(resources),
-        warning=lambda wildcards, resources: launch_warning(resources),
+        launch=lambda wildcards, resources: mpi_launch(resources, "train"),
+        warning=lambda wildcards, resources: launch_warning(resources, "train"),
         parent=PARENT_RUN,
         stage=lambda wildcards: stage_params(train=config["train"]),
         data_dir=lambda wildcards, input: os.path.dirname(input.manifest),
@@ -22,7 +22,7 @@ rule train:
     resources:
         # The launcher of the ranks: profiles set it to "srun --mpi=pmix" on Slurm; locally hpcdl.launch's mpirun.
         mpi=LOCAL_MPIRUN,
-        tasks=config["train"]["ranks"],
+        **mpi_resources("train"),
         cpus_per_task=config["train"]["threads_per_rank"],
         mem_mb_per_cpu=2000,
         runtime=120,
