@@ -1,12 +1,16 @@
 """Fixtures of the container tests: a real Apptainer (tests/apptainer/install-apptainer.sh) and the stage image,
 built by `snakemake build_images` as the unprivileged test user, exactly as a user builds it.
 
-    apptainer     session: apptainer installed (root), /dev/fuse usable, subuid/subgid entries for the test user
+    apptainer     session: apptainer installed (root) under HPCDL_APPTAINER_PREFIX and put on the test user's PATH,
+                  /dev/fuse usable, subuid/subgid entries for the test user (both undone at the end)
     stage_image   session: the image (containers/hpcdl-cpu.sif of a clone of this checkout) and its build facts
 
 Environment:
-    HPCDL_IMAGE_CACHE  finished images keyed by their inputs (containers/build-image.sh); default
-                       /var/cache/hpcdl-images, outside the repository. A hit skips the build (CI reruns).
+    HPCDL_APPTAINER_PREFIX  where Apptainer is installed (default /opt/hpcdl-apptainer/1.4.5; CI: a fresh folder)
+    HPCDL_IMAGE_CACHE  finished images keyed by their inputs (containers/build-image.sh). Unset (CI): the images are
+                       built. Set it for faster local reruns; a hit skips the build.
+    HPCDL_CACHE        Horovod's wheel cache, shared with the image build (CI: the one scripts/setup.sh filled in
+                       the same run).
 Root on Debian only; skipped elsewhere, failed under CI=true (require_or_fail).
 """
 
@@ -24,27 +28,32 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, require_or_fail
-from slurm_fixtures import WORK_ROOT, SlurmUser, chown_tree, run_snakemake
+from slurm_fixtures import EXTRA_PATH, WORK_ROOT, SlurmUser, chown_tree, run_snakemake
 
 INSTALL = REPO / "tests" / "apptainer" / "install-apptainer.sh"
-IMAGE_CACHE = Path(os.environ.get("HPCDL_IMAGE_CACHE", "/var/cache/hpcdl-images"))
+APPTAINER_PREFIX = Path(os.environ.get("HPCDL_APPTAINER_PREFIX", "/opt/hpcdl-apptainer/1.4.5"))
+IMAGE_CACHE = Path(os.environ["HPCDL_IMAGE_CACHE"]) if os.environ.get("HPCDL_IMAGE_CACHE") else None
 HOROVOD_CACHE = Path(os.environ.get("HPCDL_CACHE", Path.home() / ".cache" / "hpcdl"))
 
 
 @pytest.fixture(scope="session")
-def apptainer(slurm_user) -> str:
+def apptainer(slurm_user, machine) -> str:
     """Apptainer installed by the project's script; returns its version ('1.4.5')."""
     require_or_fail(os.geteuid() == 0, "the container tests install Apptainer: run them as root (CI does)")
     require_or_fail(Path("/etc/debian_version").exists(), "the container tests need Debian 12 (tests/apptainer/install-apptainer.sh)")
-    install = subprocess.run(["bash", str(INSTALL)], capture_output=True, text=True, timeout=900)
+    started = time.monotonic()
+    install = subprocess.run(["bash", str(INSTALL), str(APPTAINER_PREFIX)], capture_output=True, text=True, timeout=900)
     if install.returncode != 0:
         pytest.fail(f"install-apptainer.sh failed ({install.returncode}):\n{install.stdout[-3000:]}\n{install.stderr[-5000:]}")
-    # --fakeroot builds map the user's ids to a subordinate range
+    print(f"apptainer install: {time.monotonic() - started:.0f} s into {APPTAINER_PREFIX}")
+    EXTRA_PATH.insert(0, str(APPTAINER_PREFIX / "usr" / "bin"))
+    # Unprivileged containers mount their image through FUSE; --fakeroot builds map the user's ids to a
+    # subordinate range.
+    machine.chmod(Path("/dev/fuse"), 0o666)
     for path in (Path("/etc/subuid"), Path("/etc/subgid")):
         entries = path.read_text() if path.exists() else ""
         if not any(line.split(":")[0] == slurm_user.name for line in entries.splitlines()):
-            with path.open("a") as f:
-                f.write(f"{slurm_user.name}:100000:65536\n")
+            machine.append_line(path, f"{slurm_user.name}:100000:65536")
     version = slurm_user.run(["apptainer", "--version"], check=True).stdout.split()[-1]
     return version
 
@@ -92,16 +101,18 @@ def stage_image(apptainer, slurm_user: SlurmUser, _work_root) -> StageImage:
             (workdir / tracked).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / tracked, workdir / tracked)
     expected_commit = git("describe", "--always", "--dirty", "--abbrev=40")
-    IMAGE_CACHE.mkdir(parents=True, exist_ok=True)
     # The Horovod wheel the venv's set-up built (same script, patch, torch, Python and Open MPI) is reused inside the
     # build through the cache that scripts/build-horovod.sh keys; a miss compiles it there (3.5 min).
     wheel_cache = WORK_ROOT / "wheel-cache"
     if (HOROVOD_CACHE / "wheels").is_dir():
         shutil.copytree(HOROVOD_CACHE / "wheels", wheel_cache / "wheels", dirs_exist_ok=True)
     wheel_cache.mkdir(exist_ok=True)
-    for path in (workdir, wheel_cache, IMAGE_CACHE):
+    env = {**host_pip_env(), "HPCDL_CACHE": wheel_cache}
+    if IMAGE_CACHE is not None:
+        IMAGE_CACHE.mkdir(parents=True, exist_ok=True)
+        env["HPCDL_IMAGE_CACHE"] = IMAGE_CACHE
+    for path in (workdir, wheel_cache, *([IMAGE_CACHE] if IMAGE_CACHE else [])):
         chown_tree(path, slurm_user)
-    env = {**host_pip_env(), "HPCDL_CACHE": wheel_cache, "HPCDL_IMAGE_CACHE": IMAGE_CACHE}
     started = time.monotonic()
     run = run_snakemake(slurm_user, workdir, "build_images", env=env, timeout=2400)
     elapsed = time.monotonic() - started

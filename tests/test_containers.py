@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -27,10 +28,10 @@ import yaml
 import hpcdl
 from conftest import REPO, assert_results_meet_the_targets
 from container_fixtures import StageImage, image_label
-from slurm_fixtures import mlflow_runs, profile_variant, run_snakemake
+from slurm_fixtures import chown_tree, mlflow_runs, profile_variant, run_snakemake
 
 CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-STAGES = ["fetch", "fetch", "preprocess", "preprocess", "train", "evaluate", "finetune"]
+STAGES = ["fetch-pretrain", "fetch-finetune", "preprocess-pretrain", "preprocess-finetune", "train", "evaluate", "finetune"]
 
 
 # --- 1. the record of the image -------------------------------------------------------------------------------------
@@ -161,7 +162,7 @@ def test_pipeline_in_the_image_locally(stage_image: StageImage, slurm_user, slur
     assert run.returncode == 0, log[-8000:]
     print(f"pipeline in the image, local: {elapsed:.1f} s wall")
     assert "shared memory initialization" not in log, "ranks on one node share memory through $TMPDIR"
-    assert re.search(r"mpirun .*-n 2 apptainer exec --home \S+ --contain --bind /tmp --env OMPI_MCA_btl_vader_backing_directory=/tmp \S+hpcdl-cpu\.sif python -m hpcdl\.train", log), "host mpirun around apptainer exec"
+    assert re.search(r"mpirun .*-n 2 \S+/rank-in-image\.sh \S+hpcdl-cpu\.sif --home \S+ --contain -- python -m hpcdl\.train", log), "host mpirun around apptainer exec"
     children = assert_ran_in_the_image(mlflow_runs(slurm_user, workdir / "results"), stage_image)
     assert {r["tags"]["git.commit"] for r in children} == {commit}, "the checkout's commit, handed in from the host"
     train = next(r for r in children if r["name"] == "train")
@@ -172,11 +173,15 @@ def test_pipeline_in_the_image_locally(stage_image: StageImage, slurm_user, slur
 @pytest.mark.slow
 def test_pipeline_in_the_image_on_slurm(stage_image: StageImage, slurm_cluster, slurm_user, slurm_workdir):
     """profiles/slurm-test with apptainer on (as profiles/slurm): every non-local stage a Slurm job in the image;
-    train and finetune one job each whose ranks `srun --mpi=pmix` starts as `apptainer exec`."""
+    train and finetune one job each on 2 nodes, whose ranks `srun --mpi=pmix` starts as `apptainer exec`, one per
+    node, each binding its own node's /tmp (workflow/scripts/rank-in-image.sh runs on the rank's node)."""
     workdir = slurm_workdir("apptainer-slurm")
     profile = profile_variant(workdir, "slurm-apptainer", slurm_user, apptainer=True)
+    (workdir / "two-nodes.yaml").write_text("train:\n  nodes: 2\nfinetune:\n  nodes: 2\n")
+    chown_tree(workdir, slurm_user)
     started = time.monotonic()
-    run = run_snakemake(slurm_user, workdir, "--profile", str(profile.relative_to(workdir)), "--verbose", "--config", f"container={stage_image.path}", timeout=1500)
+    run = run_snakemake(slurm_user, workdir, "--profile", str(profile.relative_to(workdir)), "--verbose", "--configfile", "config/config.yaml", "two-nodes.yaml",
+                        "--config", f"container={stage_image.path}", timeout=1500)
     elapsed = time.monotonic() - started
     log = run.stdout + run.stderr
     (workdir / "snakemake.log").write_text(log)
@@ -184,13 +189,42 @@ def test_pipeline_in_the_image_on_slurm(stage_image: StageImage, slurm_cluster, 
     print(f"pipeline in the image, Slurm: {elapsed:.1f} s wall")
     children = assert_ran_in_the_image(mlflow_runs(slurm_user, workdir / "results"), stage_image)
     for run_ in children:
-        if run_["name"] != "fetch":  # fetch is a localrule: on the submitting host, in the image
+        if not run_["name"].startswith("fetch"):  # fetch is a localrule: on the submitting host, in the image
             assert run_["tags"].get("slurm.job_id") and run_["tags"].get("slurm.partition") == "debug", (run_["name"], run_["tags"])
-    train = next(r for r in children if r["name"] == "train")
-    assert train["tags"]["slurm.ntasks"] == str(CONFIG["train"]["ranks"]) and train["tags"]["world_size"] == str(CONFIG["train"]["ranks"])
-    train_logs = list((workdir / ".snakemake" / "slurm_logs" / "rule_train").glob("*.log"))
-    assert len(train_logs) == 1
-    train_log = train_logs[0].read_text()
-    assert re.search(r"srun --mpi=pmix -n 2 --cpus-per-task=\d+ apptainer exec ", train_log), "host srun around apptainer exec"
-    assert "shared memory initialization" not in train_log, "ranks on one node share memory through $TMPDIR"
+    for stage in ("train", "finetune"):
+        tags = next(r for r in children if r["name"] == stage)["tags"]
+        assert tags["world_size"] == str(CONFIG[stage]["ranks"]) and tags["nodes"] == "2" and tags["slurm.nodelist"] == "n[1-2]", tags
+        logs = list((workdir / ".snakemake" / "slurm_logs" / f"rule_{stage}").glob("*.log"))
+        assert len(logs) == 1
+        log = logs[0].read_text()
+        assert re.search(r"srun --mpi=pmix -n 2 -N 2 --ntasks-per-node=1 --cpus-per-task=\d+ --kill-on-bad-exit=1 \S+/rank-in-image\.sh ", log), "host srun around apptainer exec"
     assert_results_meet_the_targets(workdir / "results")
+
+
+@pytest.mark.slow
+def test_torch_backend_across_two_nodes_in_the_image(stage_image: StageImage, slurm_cluster, slurm_user, slurm_workdir):
+    """The other backend in the image across nodes: torch.distributed's rendezvous (rank 0's host name, resolved on
+    every node) and gloo between containers on different nodes. Starts from the datasets and image record of the
+    Slurm pipeline above when it ran (same image, same data settings), so only train and finetune run."""
+    workdir = slurm_workdir("apptainer-slurm-torch")
+    earlier = workdir.parent / "apptainer-slurm" / "results"
+    for item in ("raw", "data", "container.json"):
+        source = earlier / item
+        if source.is_dir():
+            shutil.copytree(source, workdir / "results" / item)
+        elif source.exists():
+            shutil.copy2(source, workdir / "results" / item)
+    profile = profile_variant(workdir, "slurm-apptainer", slurm_user, apptainer=True)
+    (workdir / "torch.yaml").write_text(yaml.safe_dump({
+        "train": {"backend": "torch", "nodes": 2, "epochs": 2},
+        "finetune": {"nodes": 2, "epochs_frozen": 1, "epochs_unfrozen": 1, "baseline": False},
+    }))
+    chown_tree(workdir, slurm_user)
+    run = run_snakemake(slurm_user, workdir, "--profile", str(profile.relative_to(workdir)), "--configfile", "config/config.yaml", "torch.yaml",
+                        "--config", f"container={stage_image.path}", "--", "results/finetune/metrics.json", timeout=1500)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-8000:]
+    runs = mlflow_runs(slurm_user, workdir / "results")
+    for stage in ("train", "finetune"):
+        tags = next(r for r in runs if r["name"] == stage)["tags"]
+        assert tags["backend"] == "torch" and tags["hpcdl.image.sha256"] == stage_image.sha256, tags
+        assert sorted(tags["hosts"].split(",")) == list(slurm_cluster.nodes), tags

@@ -3,7 +3,10 @@
 # who wants to run the images on a Debian 12 machine. Run as root; idempotent. Clusters have their own Apptainer:
 # this is not needed there.
 #
-#   tests/apptainer/install-apptainer.sh [PREFIX]     (default PREFIX: /opt/hpcdl-apptainer/1.4.5)
+#   tests/apptainer/install-apptainer.sh [PREFIX] [--link]
+#     PREFIX   default /opt/hpcdl-apptainer/1.4.5; the binary is PREFIX/usr/bin/apptainer
+#     --link   also link /usr/local/bin/apptainer to it (for users; the tests put PREFIX/usr/bin on PATH instead,
+#              so that they change nothing outside PREFIX)
 #
 # Debian 12 has no Apptainer package. Debian's unstable suite has 1.4.5, built against glibc 2.38 (Debian 12
 # has 2.36). So, without touching the host's libc or dpkg's database:
@@ -19,14 +22,22 @@
 #      extracts an image (`Bootstrap: localimage`), and would then load the host's older libc;
 #   4. Apptainer is relocatable when not installed setuid: it finds its config relative to its binary
 #      (PREFIX/usr/etc/apptainer, from the starter PREFIX/usr/lib/etc/apptainer), so two symlinks point there;
-#   5. link /usr/local/bin/apptainer, install what it runs (squashfuse and fuse2fs to mount images unprivileged,
+#   5. (with --link) link /usr/local/bin/apptainer; install what it runs (squashfuse and fuse2fs to mount images unprivileged,
 #      uidmap for --fakeroot builds, squashfs-tools to build, debootstrap for `Bootstrap: debootstrap`), and make
 #      /dev/fuse usable by unprivileged users (containers run as a normal user).
 # Users who build need /etc/subuid and /etc/subgid entries (tests/test_containers.py adds its user's).
 set -euo pipefail
 
 VERSION=1.4.5
-PREFIX=${1:-/opt/hpcdl-apptainer/$VERSION}
+PREFIX=/opt/hpcdl-apptainer/$VERSION LINK=0
+for arg in "$@"; do
+    case $arg in
+        --link) LINK=1 ;;
+        -*) echo "install-apptainer: unknown option $arg" >&2; exit 2 ;;
+        *) PREFIX=$arg ;;
+    esac
+done
+mkdir -p "$(dirname "$PREFIX")" && PREFIX=$(cd "$(dirname "$PREFIX")" && pwd -P)/$(basename "$PREFIX")
 [[ $(id -u) -eq 0 ]] || { echo "install-apptainer: run as root" >&2; exit 1; }
 log() { echo "[install-apptainer $(date +%T)] $*"; }
 
@@ -67,7 +78,7 @@ if [[ ! -x $PREFIX/usr/bin/apptainer ]] || ! LD_LIBRARY_PATH=/lib/x86_64-linux-g
     ln -s ../var "$PREFIX.partial/usr/lib/var"
     rm -rf "$PREFIX" && mv "$PREFIX.partial" "$PREFIX"
 fi
-ln -sfn "$PREFIX/usr/bin/apptainer" /usr/local/bin/apptainer
+if ((LINK)); then ln -sfn "$PREFIX/usr/bin/apptainer" /usr/local/bin/apptainer; fi
 [[ -c /dev/fuse ]] || { echo "install-apptainer: /dev/fuse is missing: unprivileged containers cannot mount images" >&2; exit 1; }
-chmod 0666 /dev/fuse
-log "$(apptainer --version) at $PREFIX (/usr/local/bin/apptainer)"
+if ((LINK)); then chmod 0666 /dev/fuse; fi   # containers run as normal users (the tests do this themselves, and undo it)
+log "$("$PREFIX/usr/bin/apptainer" --version) at $PREFIX$( ((LINK)) && echo " (/usr/local/bin/apptainer)")"

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# What a test run may change on this machine and must leave as it found it (.ci/run compares the output before and
+# after the test suite): users, the modes of the folders the tests open up, /etc/subuid and /etc/subgid, /dev/fuse,
+# /etc/slurm, /etc/hosts, and daemons that tests start. Installed Debian packages are not listed: the tests install
+# what they need when it is missing (idempotent), as a user's set-up would, and never remove it.
+set -uo pipefail
+echo "users: $(getent passwd | cut -d: -f1 | sort | tr '\n' ' ')"
+for path in / /root /work /var/tmp /dev/fuse /etc/subuid /etc/subgid; do
+    [[ -e $path ]] && echo "mode $path: $(stat -c '%a %U:%G' "$path")" || echo "mode $path: absent"
+done
+for file in /etc/subuid /etc/subgid /etc/hosts; do
+    echo "$file: $(sha256sum < "$file" 2>/dev/null | cut -c1-16 || echo absent)"
+done
+echo "/etc/slurm: $(ls -A /etc/slurm 2>/dev/null | tr '\n' ' ')"
+echo "daemons: $(pgrep -x 'slurmctld|slurmd|slurmstepd|munged|postgres|mlflow' | wc -l)"
