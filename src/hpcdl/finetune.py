@@ -96,14 +96,16 @@ def main(argv=None) -> int:
             exit_resumable(backend, name, len(history), epochs, store.path)
         return trained, history
 
-    run_id = tracking.resumable_run_id(checkpoint_dir, digest) if backend.is_root else None
-    with run_context(backend, args.params["mlflow"], stage="finetune", parent_run_file=args.parent_run, run_id=run_id, tags=stage_tags("finetune", backend, image_record=args.params.get("image_record"))) as run:
+    resume_run = tracking.resumable_run(checkpoint_dir, digest) if backend.is_root else None
+    with run_context(backend, args.params["mlflow"], stage="finetune", parent_run_file=args.parent_run, resume=resume_run, tags=stage_tags("finetune", backend, image_record=args.params.get("image_record"))) as run:
         if backend.is_root:
-            tracking.remember_run_id(checkpoint_dir, digest, run.info.run_id)
+            tracking.remember_run(checkpoint_dir, digest, run)
             tracking.print_where(args.params["mlflow"], run)
-            if run_id is None:
+            if resume_run is None or tracking.is_continuation(run):
                 mlflow.log_params(tracking.flatten({"finetune": ft, "train": tr}))
                 mlflow.set_tags({f"lineage.{k}": v for k, v in lineage.items() if v is not None})
+            if resume_run is not None:
+                tracking.print_resuming(resume_run, run)
         model, frozen = train_phase(model, "frozen", ft["epochs_frozen"], ft["lr"], MlflowEpochReporter(), trainable_backbone=False)
         model, unfrozen = train_phase(model, "unfrozen", ft["epochs_unfrozen"], ft["lr"] * ft["unfrozen_lr_factor"], MlflowEpochReporter(step_offset=ft["epochs_frozen"]), trainable_backbone=True)
         history = frozen + unfrozen

@@ -20,7 +20,7 @@ RUN_ID_LINE = re.compile(r"^hpcdl-parent-run (?P<run_id>[0-9a-f]{32}) (?P<uri>\S
 def open_parent(params: dict, out: Path) -> str:
     """Create the parent run with the whole workflow config as params; it stays RUNNING until closed."""
     mlflow_cfg = params["mlflow"]
-    experiment_id = tracking.configure(mlflow_cfg)
+    experiment_id, store = tracking.configure(mlflow_cfg, job="workflow")
     client = MlflowClient()
     run = client.create_run(experiment_id, run_name="workflow", tags=tracking.runtime_tags("onstart"))
     for key, value in tracking.flatten(params["config"]).items():
@@ -28,7 +28,7 @@ def open_parent(params: dict, out: Path) -> str:
     client.log_text(run.info.run_id, json.dumps(params["config"], indent=2, sort_keys=True), "config.json")
     atomic_write_text(out, run.info.run_id + "\n")
     # The log line is what `close` reads back: it names the store too, so closing needs no config.
-    print(f"hpcdl-parent-run {run.info.run_id} {mlflow_cfg['tracking_uri']}")
+    print(f"hpcdl-parent-run {run.info.run_id} {store.uri}")
     print(f"MLflow runs table: {tracking.runs_url(mlflow_cfg, experiment_id)}")
     return run.info.run_id
 

@@ -22,30 +22,28 @@ from mlflow.tracking import MlflowClient
 import hpcdl
 from hpcdl.atomic import atomic_write_json
 from hpcdl.checkout import git_state
+from hpcdl.mlflow_store import CONTINUES_RUN, CONTINUES_STORE, Store, choose_store, file_store, is_server
 from hpcdl.slurm_job import slurm_tags
 
 
-def configure(mlflow_cfg: dict) -> str:
-    """Point MLflow at the configured store and make sure the experiment exists; returns its id.
+def configure(mlflow_cfg: dict, job: str = "workflow") -> tuple[str, Store]:
+    """Point MLflow at the store this job logs to (the configured one, or its offline store: hpcdl.mlflow_store)
+    and make sure the experiment exists there; returns (experiment id, store)."""
+    store = choose_store(mlflow_cfg, job)
+    return use_store(store, mlflow_cfg["experiment"]), store
 
-    A SQLite store keeps its artifacts next to it (<results>/mlartifacts); a tracking server decides itself."""
-    uri = mlflow_cfg["tracking_uri"]
-    mlflow.set_tracking_uri(uri)
-    parsed = urlparse(uri)
-    artifact_location = None
-    if parsed.scheme == "sqlite":
-        db_path = Path(uri[len("sqlite:///") :])
-        db_path.parent.mkdir(parents=True, exist_ok=True)
-        artifact_location = (db_path.parent / "mlartifacts").resolve().as_uri()
+
+def use_store(store: Store, experiment_name: str) -> str:
+    """Make `store` MLflow's current one and return the id of the experiment there (created when missing; a file
+    store keeps its artifacts beside it, a tracking server decides itself)."""
+    mlflow.set_tracking_uri(store.uri)
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(mlflow_cfg["experiment"])
+    experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         try:
-            experiment_id = client.create_experiment(mlflow_cfg["experiment"], artifact_location=artifact_location, tags=EXPERIMENT_TAGS)
+            return client.create_experiment(experiment_name, artifact_location=store.artifact_location, tags=EXPERIMENT_TAGS)
         except mlflow.exceptions.MlflowException:  # created meanwhile by another process
-            experiment = client.get_experiment_by_name(mlflow_cfg["experiment"])
-        else:
-            return experiment_id
+            experiment = client.get_experiment_by_name(experiment_name)
     if any(experiment.tags.get(key) != value for key, value in EXPERIMENT_TAGS.items()):
         for key, value in EXPERIMENT_TAGS.items():
             client.set_experiment_tag(experiment.experiment_id, key, value)
@@ -113,6 +111,8 @@ def runtime_tags(stage: str, image_record=None, **extra) -> dict:
         **git_state(),
         **slurm_tags(),
     }
+    if os.environ.get("HPCDL_REPRODUCES"):  # set by hpcdl.reproduce: the run this one re-creates
+        tags["hpcdl.reproduces"] = os.environ["HPCDL_REPRODUCES"]
     tags.update({key: str(value) for key, value in extra.items() if value is not None})
     return tags
 
@@ -143,19 +143,41 @@ def read_parent_run_id(path) -> str | None:
 
 
 @contextlib.contextmanager
-def stage_run(mlflow_cfg: dict, *, stage: str, parent_run_file=None, run_id: str | None = None, tags: dict | None = None, run_name: str | None = None):
-    """The stage's child run (or the run `run_id` when resuming): active inside the block, FAILED on error.
-    run_name: what the runs table shows (default: the stage; fetch and preprocess add their role)."""
-    experiment_id = configure(mlflow_cfg)
+def stage_run(mlflow_cfg: dict, *, stage: str, parent_run_file=None, resume: dict | None = None, tags: dict | None = None, run_name: str | None = None):
+    """The stage's child run, active inside the block (FAILED on error). run_name: what the runs table shows (default:
+    the stage; fetch and preprocess add their role). `resume` ({run_id, tracking_uri} of an interrupted attempt
+    with the same settings, from remember_run): that run goes on, in the store it lives in. An offline run stays
+    one offline run; a server run the job cannot reach now goes on in a new offline run tagged to continue it
+    (the sync merges the two)."""
+    job = run_name or stage
+    store = choose_store(mlflow_cfg, job)
+    run_id, continues = None, {}
+    if resume is not None:
+        recorded = resume.get("tracking_uri", store.uri)
+        if recorded == store.uri:
+            run_id = resume["run_id"]
+        elif not is_server(recorded):
+            store, run_id = file_store(recorded), resume["run_id"]
+        else:
+            continues = {CONTINUES_RUN: resume["run_id"], CONTINUES_STORE: recorded}
+    experiment_id = use_store(store, mlflow_cfg["experiment"])
     if run_id is not None:
         context = mlflow.start_run(run_id=run_id)
     else:
         parent = read_parent_run_id(parent_run_file) if parent_run_file else None
-        context = mlflow.start_run(experiment_id=experiment_id, run_name=run_name or stage, parent_run_id=parent, tags=tags)
+        # The parent as a tag, not start_run(parent_run_id=...), which looks the parent up: an offline run's parent
+        # lives in another store (the server, or the workflow's own offline store); the sync maps it.
+        nesting = {"mlflow.parentRunId": parent} if parent else {}
+        context = mlflow.start_run(experiment_id=experiment_id, run_name=job, tags={**(tags or {}), **nesting, **continues})
     with context as run:
         if run_id is not None and tags:
             mlflow.set_tags(tags)
         yield run
+
+
+def is_continuation(run) -> bool:
+    """An offline run that continues a server run (see stage_run)."""
+    return CONTINUES_RUN in run.data.tags
 
 
 def log_dataset(x, y, *, name: str, context: str, sha256: dict, source: str) -> None:
@@ -169,18 +191,29 @@ def log_dataset(x, y, *, name: str, context: str, sha256: dict, source: str) -> 
 
 
 def print_where(mlflow_cfg: dict, run) -> None:
-    experiment_id = run.info.experiment_id
-    print(f"hpcdl: MLflow run {run.info.run_id} in {mlflow_cfg['tracking_uri']}; runs table: {runs_url(mlflow_cfg, experiment_id)}", file=sys.stderr, flush=True)
+    uri = mlflow.get_tracking_uri()
+    where = f"runs table: {runs_url(mlflow_cfg, run.info.experiment_id)}" if uri == mlflow_cfg["tracking_uri"] else "offline store, synced later"
+    print(f"hpcdl: MLflow run {run.info.run_id} in {uri}; {where}", file=sys.stderr, flush=True)
 
 
-def resumable_run_id(checkpoint_dir: Path, digest: str) -> str | None:
-    """The MLflow run that an interrupted attempt with the same settings was logging to, if any."""
+def print_resuming(resume_run: dict, run, epoch: int | None = None) -> None:
+    where = "" if run.info.run_id == resume_run["run_id"] else f", continued in offline run {run.info.run_id} (the sync merges it)"
+    at = "" if epoch is None else f" from epoch {epoch}"
+    print(f"hpcdl: resuming MLflow run {resume_run['run_id']}{at}{where}", flush=True)
+
+
+def resumable_run(checkpoint_dir: Path, digest: str) -> dict | None:
+    """The MLflow run ({run_id, tracking_uri}) that an interrupted attempt with the same settings logged to."""
     path = Path(checkpoint_dir) / "mlflow_run.json"
     if not path.exists():
         return None
     saved = json.loads(path.read_text())
-    return saved["run_id"] if saved.get("digest") == digest else None
+    return saved if saved.get("digest") == digest else None
 
 
-def remember_run_id(checkpoint_dir: Path, digest: str, run_id: str) -> None:
-    atomic_write_json(Path(checkpoint_dir) / "mlflow_run.json", {"run_id": run_id, "digest": digest})
+def remember_run(checkpoint_dir: Path, digest: str, run) -> None:
+    """Record the run a resumed attempt must go on with (a continuation run is not it: the server run it
+    continues stays the one to resume)."""
+    if not is_continuation(run):
+        record = {"run_id": run.info.run_id, "tracking_uri": mlflow.get_tracking_uri(), "digest": digest}
+        atomic_write_json(Path(checkpoint_dir) / "mlflow_run.json", record)

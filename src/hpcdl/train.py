@@ -60,17 +60,17 @@ def main(argv=None) -> int:
     def make_scheduler(optimizer, steps_per_epoch):
         return build_schedule(optimizer, world_size=world, warmup_steps=cfg["warmup_epochs"] * steps_per_epoch, total_steps=cfg["epochs"] * steps_per_epoch, schedule=cfg["schedule"])
 
-    run_id = tracking.resumable_run_id(checkpoint_dir, digest) if backend.is_root else None
-    with run_context(backend, args.params["mlflow"], stage="train", parent_run_file=args.parent_run, run_id=run_id, tags=stage_tags("train", backend, image_record=args.params.get("image_record"))) as run:
+    resume_run = tracking.resumable_run(checkpoint_dir, digest) if backend.is_root else None
+    with run_context(backend, args.params["mlflow"], stage="train", parent_run_file=args.parent_run, resume=resume_run, tags=stage_tags("train", backend, image_record=args.params.get("image_record"))) as run:
         if backend.is_root:
-            tracking.remember_run_id(checkpoint_dir, digest, run.info.run_id)
+            tracking.remember_run(checkpoint_dir, digest, run)
             tracking.print_where(args.params["mlflow"], run)
-            if run_id is None:
+            if resume_run is None or tracking.is_continuation(run):
                 mlflow.log_params(tracking.flatten({"train": cfg}))
                 mlflow.log_params({"model.parameters": count_parameters(model), "data.num_classes": manifest["num_classes"]})
                 log_split_inputs(manifest, splits, args.data_dir)
-            else:
-                print(f"hpcdl: resuming MLflow run {run_id} from epoch {resume['epoch'] if resume else 0}", flush=True)
+            if resume_run is not None:
+                tracking.print_resuming(resume_run, run, resume["epoch"] if resume else 0)
         model, history = fit(
             model=model,
             backend=backend,

@@ -6,6 +6,7 @@ import shlex
 import subprocess
 import sys
 
+from snakemake.exceptions import WorkflowError
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 import hpcdl
@@ -29,6 +30,17 @@ IMAGE = config["container"]
 IN_APPTAINER = DeploymentMethod.APPTAINER in workflow.deployment_settings.deployment_method
 # What record_image writes and every stage tags its MLflow run with (image path, sha256, apptainer version).
 IMAGE_RECORD = f"{RESULTS}/container.json"
+MLFLOW_CREDENTIALS = os.path.expanduser("~/.mlflow")  # MLflow's own place for a user's server credentials
+# Where the stages in the image find that folder: a path inside the image (its empty /mnt), not on this machine.
+IMAGE_CREDENTIALS = os.path.join(os.sep, "mnt", "mlflow")
+if IN_APPTAINER and (config["tracking_uri"] or "").startswith(("http://", "https://")):
+    # In the image a stage's home is the workflow folder (--home): the user's credentials file goes in read-only at
+    # a fixed place, which the stages read (hpcdl.mlflow_store.use_credentials_file). Only its path is passed on.
+    if os.path.isfile(f"{MLFLOW_CREDENTIALS}/credentials") and IMAGE_CREDENTIALS not in workflow.deployment_settings.apptainer_args:
+        workflow.deployment_settings.apptainer_args += (
+            f" --bind {shlex.quote(MLFLOW_CREDENTIALS)}:{IMAGE_CREDENTIALS}:ro"
+            f" --env HPCDL_MLFLOW_CREDENTIALS={IMAGE_CREDENTIALS}/credentials"
+        )
 if IN_APPTAINER:
     # Plain rules (fetch, preprocess, evaluate) carry `container: IMAGE`: Snakemake wraps their shell in
     # `apptainer exec --home <workdir> <apptainer-args> IMAGE`, where `python` is the image's venv.
@@ -60,6 +72,10 @@ wildcard_constraints:
     role="|".join(ROLES),
 
 
+# Offline MLflow stores of jobs that could not reach the tracking server (hpcdl.mlflow_store), synced at the end.
+OFFLINE_DIR = os.path.abspath(f"{RESULTS}/mlflow-offline")
+
+
 def tracking_uri():
     """The configured MLflow tracking URI, or a SQLite file under the results folder (absolute: ranks and
     containers may run in another working directory)."""
@@ -69,7 +85,8 @@ def tracking_uri():
 def stage_params(**sections):
     """JSON handed to a stage module: only the config sections that stage uses (so editing one stage's keys
     re-runs only that stage) plus where to track it."""
-    payload = {"mlflow": {"tracking_uri": tracking_uri(), "experiment": config["experiment"]}}
+    payload = {"mlflow": {"tracking_uri": tracking_uri(), "experiment": config["experiment"],
+                          "offline": config["tracking_offline"], "offline_dir": OFFLINE_DIR}}
     if IN_APPTAINER:
         payload["image_record"] = IMAGE_RECORD
     payload.update(sections)
@@ -127,20 +144,31 @@ PARENT_OPENED = []
 
 
 def open_parent_run():
-    """onstart: open the parent run with the whole config as params (runs on the submitting host)."""
+    """onstart: open the parent run with the whole config as params (runs on the submitting host). The first contact
+    with the tracking store: a server that refuses the credentials stops the workflow here, before any job, and
+    nothing is written under the results folder."""
     if not any(job.rule.name in STAGE_RULES for job in workflow.dag.needrun_jobs()):
         return
+    command = [HOST_PYTHON, "-m", "hpcdl.mlflow_parent", "open", "--params", stage_params(config=config), "--out", PARENT_RUN]
+    opened = subprocess.run(command, capture_output=True, text=True)
+    if opened.returncode != 0:
+        raise WorkflowError(f"could not open the workflow's MLflow run:\n{(opened.stderr or opened.stdout).strip()[-2000:]}")
     PARENT_OPENED.append(True)
     os.makedirs(os.path.dirname(PARENT_LOG), exist_ok=True)
     with open(PARENT_LOG, "w") as log:
-        command = [HOST_PYTHON, "-m", "hpcdl.mlflow_parent", "open", "--params", stage_params(config=config), "--out", PARENT_RUN]
-        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
+        log.write(opened.stdout + opened.stderr)
+    sys.stdout.write(opened.stdout)
 
 
 def close_parent_run(status):
-    """onsuccess/onerror: mark this invocation's parent run finished or failed (no-op if none was opened)."""
+    """onsuccess/onerror: mark this invocation's parent run finished or failed (no-op if none was opened), then copy
+    the runs that jobs logged offline into the tracking server (hpcdl.mlflow_sync)."""
     if PARENT_OPENED and os.path.exists(PARENT_LOG):
         subprocess.run([HOST_PYTHON, "-m", "hpcdl.mlflow_parent", "close", "--log", PARENT_LOG, "--status", status])
+    if PARENT_OPENED and tracking_uri().startswith(("http://", "https://")) and glob.glob(f"{OFFLINE_DIR}/*.db"):
+        synced = subprocess.run([HOST_PYTHON, "-m", "hpcdl.mlflow_sync", OFFLINE_DIR, tracking_uri()])
+        if synced.returncode != 0:
+            print(f"hpcdl: the offline runs are not in the server yet; run later: python -m hpcdl.mlflow_sync {OFFLINE_DIR} {tracking_uri()}", file=sys.stderr)
 
 
 def finetune_init_file(wildcards):
