@@ -15,7 +15,7 @@ import yaml
 
 from hpcdl.launch import LOCAL_MPIRUN
 
-pytest_plugins = ["data_fixtures", "slurm_fixtures", "container_fixtures", "browser_fixtures"]  # HTTP server and writers; Slurm test cluster; Apptainer + image; MLflow server + chromium
+pytest_plugins = ["data_fixtures", "slurm_fixtures", "container_fixtures", "browser_fixtures", "tracking_fixtures"]  # HTTP server and writers; Slurm test cluster; Apptainer + image; MLflow server + chromium
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())

@@ -122,7 +122,7 @@ def test_default_config_plans_every_stage(tmp_path):
     assert result.returncode == 0, output
     for rule in ("fetch", "preprocess", "train", "evaluate", "finetune"):
         assert f"rule {rule}:" in output, rule
-    assert f"mpi={LOCAL_MPIRUN}, tasks=2" in output, "training runs as 2 MPI ranks by default"
+    assert f"mpi={LOCAL_MPIRUN}, nodes=1, tasks=2" in output, "training runs as 2 MPI ranks by default"
     assert not (tmp_path / "results").exists(), "a dry run writes nothing"
 
 

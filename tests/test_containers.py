@@ -228,3 +228,31 @@ def test_torch_backend_across_two_nodes_in_the_image(stage_image: StageImage, sl
         tags = next(r for r in runs if r["name"] == stage)["tags"]
         assert tags["backend"] == "torch" and tags["hpcdl.image.sha256"] == stage_image.sha256, tags
         assert sorted(tags["hosts"].split(",")) == list(slurm_cluster.nodes), tags
+
+
+@pytest.mark.slow
+def test_stages_in_the_image_log_to_the_tracking_server(stage_image: StageImage, tracking_server, slurm_user, slurm_workdir, monkeypatch):
+    """tracking_uri: http://... with profiles/apptainer: inside the image a stage's home is the workflow folder, so the
+    user's ~/.mlflow/credentials is bound in read-only; the runs reach the server, tagged with the image."""
+    from mlflow.tracking import MlflowClient
+    from tracking_fixtures import write_credentials
+
+    alice = tracking_server.users["alice"]
+    write_credentials(slurm_user.home, alice.name, alice.password, owner=(slurm_user.uid, slurm_user.gid))
+    workdir = slurm_workdir("apptainer-server")
+    (workdir / "short.yaml").write_text("train:\n  epochs: 1\n")
+    chown_tree(workdir, slurm_user)
+    run = run_snakemake(slurm_user, workdir, "--profile", "profiles/apptainer", "--configfile", "config/config.yaml", "short.yaml",
+                        "--config", f"container={stage_image.path}", f"tracking_uri={tracking_server.uri}", "experiment=image-study",
+                        "--", "results/train/model.pt", timeout=1200)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-6000:]
+    assert alice.password not in output
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", alice.name)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", alice.password)
+    client = MlflowClient(tracking_uri=tracking_server.uri)
+    runs = client.search_runs([client.get_experiment_by_name("image-study").experiment_id])
+    stages = {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert {"fetch-pretrain", "preprocess-pretrain", "train"} <= set(stages), sorted(stages)
+    for stage in stages.values():
+        assert stage.info.status == "FINISHED" and stage.data.tags["hpcdl.image.sha256"] == stage_image.sha256, stage.info.run_name
