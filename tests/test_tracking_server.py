@@ -274,3 +274,48 @@ def test_server_down_during_train_then_the_sync_brings_every_run_in_once(trackin
     finetune = runs_by_name(server, experiment.experiment_id)["finetune"]
     versions = server.search_model_versions("name='hpcdl-finetuned'")
     assert any(v.run_id == finetune.info.run_id for v in versions), "the registered model came along"
+
+
+@pytest.mark.slow
+def test_a_run_resumed_offline_after_an_interruption_ends_as_one_server_run(tracking_server, data_copy, tmp_path):
+    """Train starts online, is killed after some epochs (a walltime requeue, a node failure), and its retry finds the
+    server unreachable: the retry goes on in an offline run tagged to continue the server run, and the sync merges
+    it there: one run, every epoch exactly once, FINISHED."""
+    from conftest import mpirun, mpirun_command, mpi_env, train_config
+    from test_train_resume import checkpoint_epoch, job_processes, signal_all
+
+    alice = tracking_server.users["alice"]
+    cfg = train_config(epochs=12, batch_size=16, augment=[])
+    mlflow_cfg = {"tracking_uri": tracking_server.uri, "experiment": "requeued", "offline": "auto", "offline_dir": str(tmp_path / "mlflow-offline")}
+    args = ["--params", json.dumps({"mlflow": mlflow_cfg, "train": cfg}), "--data-dir", str(data_copy), "--out-dir", str(tmp_path / "out")]
+    checkpoint = tmp_path / "out" / "checkpoints" / "train.pt"
+    job = subprocess.Popen(mpirun_command(2, sys.executable, "-m", "hpcdl.train", *args), env=mpi_env(HOME=str(alice.home)), cwd=REPO,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while checkpoint_epoch(checkpoint) < 4 and time.monotonic() < deadline and job.poll() is None:
+            time.sleep(0.05)
+    finally:
+        signal_all(job_processes(job), 9)
+        job.wait()
+    interrupted_at = checkpoint_epoch(checkpoint)
+    assert 4 <= interrupted_at < 12
+    server_run = json.loads((tmp_path / "out" / "checkpoints" / "mlflow_run.json").read_text())["run_id"]
+
+    tracking_server.stop()
+    try:
+        resumed = subprocess.run(mpirun_command(2, sys.executable, "-m", "hpcdl.train", *args), env=mpi_env(HOME=str(alice.home)), cwd=REPO,
+                                 capture_output=True, text=True, timeout=600)
+    finally:
+        tracking_server.start()
+    log = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, log[-4000:]
+    assert f"resuming MLflow run {server_run} from epoch {interrupted_at}, continued in offline run" in log, log[-3000:]
+    sync = subprocess.run([sys.executable, "-m", "hpcdl.mlflow_sync", str(tmp_path / "mlflow-offline"), tracking_server.uri],
+                          env=alice.env(), capture_output=True, text=True, timeout=600)
+    assert sync.returncode == 0, sync.stderr[-3000:]
+    client = client_as(alice, tracking_server.uri)
+    runs = client.search_runs([client.get_experiment_by_name("requeued").experiment_id])
+    assert [r.info.run_id for r in runs] == [server_run], "one run on the server"
+    assert runs[0].info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(server_run, "loss")) == list(range(12)), "every epoch exactly once"
