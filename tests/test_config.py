@@ -59,7 +59,7 @@ def test_the_names_the_code_accepts_are_the_schemas():
     from hpcdl.augment import AUGMENT_NAMES
     from hpcdl.backends import BACKEND_NAMES, COMPRESSION_NAMES
     from hpcdl.data.sources import DEFAULT_BASE_URLS, SOURCE_NAMES
-    from hpcdl.loop import PRECISION_NAMES
+    from hpcdl.loop import MEMORY_FORMATS, PRECISION_NAMES
     from hpcdl.models import MODEL_NAMES, TORCHVISION_ARCHS
     from hpcdl.optim import OPTIMIZER_NAMES, SCHEDULE_NAMES
 
@@ -67,6 +67,7 @@ def test_the_names_the_code_accepts_are_the_schemas():
     assert set(BACKEND_NAMES) == set(_enum("train", "backend"))
     assert set(COMPRESSION_NAMES) == set(_enum("train", "compression"))
     assert set(PRECISION_NAMES) == set(_enum("train", "precision"))
+    assert set(MEMORY_FORMATS) == set(_enum("train", "memory_format"))
     assert set(SCHEDULE_NAMES) == set(_enum("train", "schedule"))
     assert set(OPTIMIZER_NAMES) == set(_enum("train", "optimizer")) == set(_enum("finetune", "optimizer"))
     assert set(AUGMENT_NAMES) == set(_enum("train", "augment")) == set(_enum("finetune", "augment"))

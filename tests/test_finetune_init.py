@@ -10,7 +10,7 @@ import sys
 import torch
 import torchvision
 
-from conftest import REPO, mpi_env, mpirun, tracking
+from conftest import DEFAULT_CONFIG, REPO, mpi_env, mpirun, tracking
 from hpcdl.data.download import sha256_file
 
 
@@ -35,12 +35,10 @@ def test_torchvision_weights_are_verified_then_fine_tuned(data_copy, tmp_path):
     assert fetch_weights(tmp_path, source, digest, weights).returncode == 0
     assert sha256_file(weights) == digest
 
-    finetune = {"init": "torchvision:resnet18", "weights": {"path": str(source), "sha256": digest}, "optimizer": "sgd",
-                "lr": 0.01, "unfrozen_lr_factor": 0.5, "momentum": 0.9, "weight_decay": 0.0, "batch_size": 32,
-                "epochs_frozen": 1, "epochs_unfrozen": 0, "ranks": 1, "threads_per_rank": 1, "seed": 0, "augment": [],
-                "baseline": False, "registered_model": "tv-finetuned"}
-    train = {"model": "lenet5", "backend": "torch", "compression": "none", "precision": "fp32", "grad_accum_steps": 1,
-             "nesterov": True, "schedule": "cosine", "warmup_epochs": 0}
+    finetune = {**DEFAULT_CONFIG["finetune"], "init": "torchvision:resnet18", "weights": {"path": str(source), "sha256": digest},
+                "lr": 0.01, "weight_decay": 0.0, "batch_size": 32, "epochs_frozen": 1, "epochs_unfrozen": 0, "ranks": 1,
+                "augment": [], "baseline": False, "registered_model": "tv-finetuned"}
+    train = {**DEFAULT_CONFIG["train"], "backend": "torch", "warmup_epochs": 0}
     out = tmp_path / "finetune"
     mpirun(1, "hpcdl.finetune", ["--params", json.dumps({"mlflow": tracking(tmp_path), "finetune": finetune, "train": train}),
                                  "--init", str(weights), "--data-dir", str(data_copy), "--out-dir", str(out)])

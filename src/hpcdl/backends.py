@@ -113,11 +113,13 @@ class TorchBackend(Backend):
         )
 
     def wrap(self, model, make_optimizer, grad_accum_steps):
+        if self.size == 1:  # nothing to average: DDP's buckets and hooks would be pure overhead
+            return model, make_optimizer(trainable_parameters(model))
         device_ids = [self.local_rank] if next(model.parameters()).is_cuda else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids), make_optimizer(trainable_parameters(model))
 
     def no_sync(self, model):
-        return model.no_sync()
+        return model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
 
     def allreduce_sum(self, tensor):
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
@@ -152,6 +154,8 @@ class HorovodBackend(Backend):
         # phase on the same module (fine-tuning: frozen, then unfrozen) would allreduce every gradient twice.
         # Each phase therefore trains its own copy of the module, with the optimizer rebuilt on the copy.
         model = copy.deepcopy(model)
+        if self.size == 1:  # nothing to average: the per-parameter hooks and the background allreduce are overhead
+            return model, make_optimizer(trainable_parameters(model))
         optimizer = self.hvd.DistributedOptimizer(
             make_optimizer(trainable_parameters(model)),
             named_parameters=[(name, p) for name, p in model.named_parameters() if p.requires_grad],
@@ -161,8 +165,8 @@ class HorovodBackend(Backend):
         return model, optimizer
 
     def step(self, optimizer, scaler=None):
-        if scaler is None:
-            optimizer.step()  # waits for the allreduce of every gradient first (synchronize)
+        if scaler is None or self.size == 1:  # (a plain optimizer at world size 1: see wrap)
+            super().step(optimizer, scaler)
             return
         # Horovod's own recipe for mixed precision (examples/pytorch): the allreduce launched during backward
         # must finish before the scaler reads the gradients. scaler.step alone would unscale (and test for
@@ -175,6 +179,8 @@ class HorovodBackend(Backend):
         scaler.update()
 
     def sync_initial_state(self, model, optimizer, resumed):
+        if self.size == 1:
+            return
         self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         # Only after loading a checkpoint: on an empty state Horovod initialises it with a zero-gradient step,
         # which applies weight decay once and seeds momentum unlike a plain first step (and unlike DDP).

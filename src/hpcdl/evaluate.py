@@ -13,6 +13,7 @@ from hpcdl.atomic import atomic_write_json
 from hpcdl.cli import stage_parser
 from hpcdl.loop import predict
 from hpcdl.metrics import classification_report, plot_confusion, plot_misclassified
+from hpcdl.stage_clock import StageClock
 from hpcdl.stage_runtime import load_data, load_model_file
 
 
@@ -34,10 +35,13 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", required=True, type=Path)
     parser.add_argument("--out-dir", required=True, type=Path)
     args = parser.parse_args(argv)
+    clock = StageClock()
     model, record = load_model_file(args.model)
     manifest, splits, normalise = load_data(args.data_dir)
+    clock.mark("data")
     with tracking.stage_run(args.params["mlflow"], stage="evaluate", parent_run_file=args.parent_run, tags=tracking.runtime_tags("evaluate", image_record=args.params.get("image_record"), world_size=1)) as run:
         tracking.print_where(args.params["mlflow"], run)
+        clock.mark("mlflow_setup")
         mlflow.set_tags({"hpcdl.model_run_id": record.get("mlflow_run_id"), "hpcdl.model_uri": record.get("model_uri")})
         mlflow.log_params({"model.arch": record["arch"], "model.uri": record.get("model_uri")})
         test = splits["test"]
@@ -49,6 +53,8 @@ def main(argv=None) -> int:
         mlflow.log_artifact(str(args.out_dir / "confusion_matrix.png"))
         mlflow.log_artifact(str(args.out_dir / "misclassified.png"))
         mlflow.log_dict(report, "metrics.json")
+        clock.mark("evaluation")
+        mlflow.log_metrics(clock.metrics())
         atomic_write_json(args.out_dir / "metrics.json", report)
     print(f"hpcdl: test accuracy {100 * report['accuracy']:.2f}% (loss {report['loss']:.4f}, n={report['n']})", flush=True)
     return 0

@@ -12,6 +12,7 @@ from hpcdl import tracking
 from hpcdl.cli import stage_parser
 from hpcdl.data.download import download
 from hpcdl.data.sources import fetch_source
+from hpcdl.stage_clock import StageClock
 
 
 def fetch_weights(weights: dict, out: Path) -> Path:
@@ -28,11 +29,13 @@ def main(argv=None) -> int:
     target.add_argument("--out-dir", type=Path, help="dataset: folder for the raw files and fetch.json")
     target.add_argument("--weights-out", type=Path, help="weights: the file to write")
     args = parser.parse_args(argv)
+    clock = StageClock()
     params = args.params
     stage = "fetch_weights" if args.weights_out else "fetch"
     tags = tracking.runtime_tags(stage, image_record=params.get("image_record"), role=params.get("role"), arch=params.get("arch"))
     run_name = f"fetch_weights-{params['arch']}" if args.weights_out else f"fetch-{params['role']}"
     with tracking.stage_run(params["mlflow"], stage=stage, parent_run_file=args.parent_run, tags=tags, run_name=run_name) as run:
+        clock.mark("mlflow_setup")
         if args.weights_out:
             path = fetch_weights(params["weights"], args.weights_out)
             mlflow.log_params({"weights.arch": params["arch"], "weights.source": params["weights"].get("url") or params["weights"]["path"], "weights.sha256": params["weights"]["sha256"]})
@@ -43,6 +46,8 @@ def main(argv=None) -> int:
             mlflow.log_params(tracking.flatten({"role": params["role"], "dataset": dataset}))
             mlflow.log_dict(provenance, f"{params['role']}/fetch.json")
             print(f"hpcdl: fetched {dataset['source']} ({len(provenance['files'])} files) into {args.out_dir}; run {run.info.run_id}", flush=True)
+        clock.mark("fetch")
+        mlflow.log_metrics(clock.metrics())
     return 0
 
 

@@ -18,16 +18,17 @@ from hpcdl.atomic import atomic_write_json
 from hpcdl.checkpoint import CheckpointStore, config_digest
 from hpcdl.cli import stage_parser
 from hpcdl.data.download import sha256_file
-from hpcdl.evaluate import evaluate_model
 from hpcdl.loop import PhaseSpec, fit
 from hpcdl.models import TorchvisionBackbone, build_model, replace_head, set_backbone_trainable
 from hpcdl.optim import build_optimizer, build_schedule
+from hpcdl.stage_clock import StageClock
 from hpcdl.stage_runtime import (
     MlflowEpochReporter,
     StopRequest,
     exit_resumable,
     load_data,
     load_model_file,
+    log_memory,
     log_model,
     model_record,
     run_context,
@@ -66,12 +67,15 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", required=True, type=Path)
     parser.add_argument("--out-dir", required=True, type=Path)
     args = parser.parse_args(argv)
+    clock = StageClock()
     ft, tr = args.params["finetune"], args.params["train"]
     if ft["epochs_frozen"] + ft["epochs_unfrozen"] < 1:
         raise ValueError("finetune.epochs_frozen + finetune.epochs_unfrozen must be at least 1")
     stop = StopRequest()  # first: a walltime signal during start-up must not kill the rank
     backend, device = start_backend(tr["backend"], ft["threads_per_rank"], tr.get("compression", "none"))
+    clock.mark("mpi_setup")
     manifest, splits, normalise = load_data(args.data_dir)
+    clock.mark("data")
     torch.manual_seed(ft["seed"])
     model, arch, lineage = pretrained_model(ft["init"], args.init, manifest)
     checkpoint_dir = args.out_dir / "checkpoints"
@@ -82,7 +86,7 @@ def main(argv=None) -> int:
         if epochs == 0:
             return net, []
         set_backbone_trainable(net, trainable_backbone)
-        spec = PhaseSpec(name, epochs, ft["batch_size"], ft["seed"], ft["augment"], tr["precision"], tr["grad_accum_steps"])
+        spec = PhaseSpec(name, epochs, ft["batch_size"], ft["seed"], ft["augment"], tr["precision"], tr["grad_accum_steps"], tr["memory_format"])
         store = CheckpointStore(checkpoint_dir / f"{name}.pt", digest)
         resume = backend.broadcast_object(store.load() if backend.is_root else None)
         trained, history = fit(
@@ -106,6 +110,7 @@ def main(argv=None) -> int:
                 mlflow.set_tags({f"lineage.{k}": v for k, v in lineage.items() if v is not None})
             if resume_run is not None:
                 tracking.print_resuming(resume_run, run)
+        clock.mark("mlflow_setup")
         model, frozen = train_phase(model, "frozen", ft["epochs_frozen"], ft["lr"], MlflowEpochReporter(), trainable_backbone=False)
         model, unfrozen = train_phase(model, "unfrozen", ft["epochs_unfrozen"], ft["lr"] * ft["unfrozen_lr_factor"], MlflowEpochReporter(step_offset=ft["epochs_frozen"]), trainable_backbone=True)
         history = frozen + unfrozen
@@ -114,8 +119,12 @@ def main(argv=None) -> int:
             torch.manual_seed(ft["seed"])
             baseline = scratch_model(arch, manifest)
             baseline, _ = train_phase(baseline, "baseline", ft["epochs_frozen"] + ft["epochs_unfrozen"], ft["lr"], MlflowEpochReporter(prefix="baseline_"), trainable_backbone=True)
+        clock.mark("epochs")
+        log_memory(backend)
         if backend.is_root:
             finish(model, baseline, arch, lineage, ft, manifest, splits, normalise, history, args.out_dir, run)
+            clock.mark("model_logging")
+            mlflow.log_metrics(clock.metrics())
     backend.barrier()
     backend.shutdown()
     return 0
@@ -123,6 +132,8 @@ def main(argv=None) -> int:
 
 def finish(model, baseline, arch, lineage, ft, manifest, splits, normalise, history, out_dir: Path, run) -> None:
     """Rank 0: test both models, log and register the fine-tuned one, then write the rule's outputs."""
+    from hpcdl.evaluate import evaluate_model  # scikit-learn and matplotlib: rank 0 only, at the end
+
     report = evaluate_model(model, manifest, splits, normalise, out_dir, title=f"fine-tuned {arch}", misclassified=False)
     metrics = {"test_accuracy": report["accuracy"], "test_loss": report["loss"], "test_macro_f1": report["macro_f1"]}
     summary = {"finetuned": report, "history": history, "lineage": lineage}

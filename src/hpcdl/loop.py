@@ -27,6 +27,7 @@ from hpcdl.progress import step_bar
 
 
 PRECISION_NAMES = ("fp32", "bf16", "fp16")
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
 @dataclass
@@ -42,11 +43,23 @@ class Split:
 
 @dataclass
 class Normaliser:
+    """(x / 255 - mean) / std per channel, as one multiply and one subtract with factors made once per device
+    (not per batch: the training step calls this every few milliseconds)."""
+
     mean: list[float]
     std: list[float]
+    _factors: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __call__(self, x_uint8) -> torch.Tensor:
-        return batch_to_tensor(x_uint8, self.mean, self.std)
+        if not isinstance(x_uint8, torch.Tensor) or x_uint8.dtype != torch.uint8 or x_uint8.ndim != 4:
+            return batch_to_tensor(x_uint8, self.mean, self.std)  # numpy input, or a bad one: checked there
+        device = x_uint8.device
+        if device not in self._factors:
+            mean = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+            std = torch.tensor(self.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+            self._factors[device] = (1.0 / (255.0 * std), mean / std)
+        scale, shift = self._factors[device]
+        return x_uint8.float().mul_(scale).sub_(shift)
 
     @property
     def black(self) -> torch.Tensor:
@@ -65,6 +78,7 @@ class PhaseSpec:
     augment: list[str] = field(default_factory=list)
     precision: str = "fp32"
     grad_accum_steps: int = 1
+    memory_format: str = "contiguous"
 
 
 def micro_steps_per_epoch(n: int, world: int, batch_size: int, grad_accum_steps: int) -> int:
@@ -189,7 +203,8 @@ def fit(
     step_samples = samples_per_optimizer_step(len(train), world, spec.batch_size, accum)
     steps = len(step_samples)
     micro = steps * accum
-    model = model.to(device)
+    layout = MEMORY_FORMATS[spec.memory_format]
+    model = model.to(device, memory_format=layout)
     model, optimizer = backend.wrap(model, make_optimizer, accum)
     scheduler = make_scheduler(optimizer, steps)
     history, start_epoch = [], 0
@@ -215,7 +230,7 @@ def fit(
             indices = shard[step * spec.batch_size : (step + 1) * spec.batch_size]
             xb, yb = gather_batch(train, indices)
             # uint8 goes to the device (4x fewer bytes than float), normalisation and augmentation run there
-            x = augment_batch(normalise(torch.from_numpy(xb).to(device)), spec.augment, generator, fill)
+            x = augment_batch(normalise(torch.from_numpy(xb).to(device)), spec.augment, generator, fill).contiguous(memory_format=layout)
             y = yb.to(device)
             last_micro = (step + 1) % accum == 0
             with (nullcontext() if last_micro else backend.no_sync(model)):

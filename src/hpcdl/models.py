@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torchvision
 from torch import nn
 
 MODEL_NAMES = ("mlp", "lenet5", "cnn", "resnet18")
@@ -87,6 +86,8 @@ class ResNet18Small(nn.Module):
 
     def __init__(self, in_channels: int, image_size: int, num_classes: int):
         super().__init__()
+        import torchvision  # here, not at the top: only these models need it (about 2 s of every stage's start)
+
         net = torchvision.models.resnet18(weights=None, num_classes=num_classes)
         net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
@@ -104,6 +105,8 @@ class TorchvisionBackbone(nn.Module):
 
     def __init__(self, arch: str, state_dict: dict | None, num_classes: int):
         super().__init__()
+        import torchvision
+
         net = getattr(torchvision.models, arch)(weights=None)
         if state_dict is not None:
             net.load_state_dict(state_dict)

@@ -13,6 +13,7 @@ from hpcdl import tracking
 from hpcdl.cli import stage_parser
 from hpcdl.data.prepare import SPLITS, load_split, write_dataset
 from hpcdl.data.sources import load_raw, read_fetch_record
+from hpcdl.stage_clock import StageClock
 
 
 def main(argv=None) -> int:
@@ -20,9 +21,11 @@ def main(argv=None) -> int:
     parser.add_argument("--raw-dir", required=True, type=Path)
     parser.add_argument("--out-dir", required=True, type=Path)
     args = parser.parse_args(argv)
+    clock = StageClock()
     params, data = args.params, args.params["data"]
     tags = tracking.runtime_tags("preprocess", image_record=params.get("image_record"), role=params["role"])
     with tracking.stage_run(params["mlflow"], stage="preprocess", parent_run_file=args.parent_run, tags=tags, run_name=f"preprocess-{params['role']}"):
+        clock.mark("mlflow_setup")
         images, labels, classes = load_raw(args.raw_dir)
         provenance = read_fetch_record(args.raw_dir)
         manifest = write_dataset(
@@ -37,6 +40,8 @@ def main(argv=None) -> int:
             x, y = load_split(args.out_dir, split)
             sha = {k: v for k, v in manifest["files"].items() if k.startswith(f"{split}_")}
             tracking.log_dataset(x, y, name=f"{provenance['source']}-{split}", context=f"preprocess-{split}", sha256=sha, source=args.out_dir.resolve().as_uri())
+        clock.mark("preprocess")
+        mlflow.log_metrics(clock.metrics())
     counts = ", ".join(f"{split} {manifest['splits'][split]['n']}" for split in SPLITS)
     print(f"hpcdl: preprocessed {provenance['source']} ({len(classes)} classes): {counts} -> {args.out_dir}", flush=True)
     return 0

@@ -31,6 +31,7 @@ import yaml
 
 REPRODUCES_TAG = "hpcdl.reproduces"
 TIMING_METRICS = {"samples_per_second", "epoch_seconds", "baseline_samples_per_second", "baseline_epoch_seconds"}
+MACHINE_METRIC_PREFIXES = ("seconds.", "peak_rss_mb")  # where time went and memory peaks: the machine's, not the model's
 # What a stage's reproduction asks Snakemake for: its outputs, and for train the evaluation of its model too (the
 # test accuracy).
 STAGE_TARGETS = {
@@ -110,7 +111,7 @@ def original_weights(client, run) -> dict | None:
 
 def histories(client, run_id: str, keys) -> dict:
     return {key: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))]
-            for key in keys if key not in TIMING_METRICS}
+            for key in keys if key not in TIMING_METRICS and not key.startswith(MACHINE_METRIC_PREFIXES)}
 
 
 def reproduced_runs(client, experiment_name: str, run_id: str) -> list:

@@ -20,6 +20,7 @@ from hpcdl.data.prepare import load_split, read_manifest
 from hpcdl.loop import EpochReporter, Normaliser, PhaseSpec, Split
 from hpcdl.models import build_model
 from hpcdl.progress import epoch_line
+from hpcdl.stage_clock import peak_rss_mb
 
 
 def start_backend(name: str, threads: int, compression: str = "none") -> tuple[Backend, torch.device]:
@@ -165,6 +166,14 @@ def log_model(model, *, registered_name: str, example: np.ndarray):
         serialization_format="pickle",
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}"],
     )
+
+
+def log_memory(backend: Backend) -> None:
+    """Every rank's peak resident memory so far, as metrics of the stage's run (`peak_rss_mb.rank<r>`, and the
+    largest as `peak_rss_mb`). Collective: every rank calls it at the same point."""
+    peaks = mpi_comm().gather(peak_rss_mb(), root=0)
+    if backend.is_root:
+        mlflow.log_metrics({**{f"peak_rss_mb.rank{rank}": round(mb, 1) for rank, mb in enumerate(peaks)}, "peak_rss_mb": round(max(peaks), 1)})
 
 
 def stage_tags(stage: str, backend: Backend, image_record=None, **extra) -> dict:

@@ -16,14 +16,15 @@ from hpcdl.atomic import atomic_write_json
 from hpcdl.checkpoint import CheckpointStore, config_digest
 from hpcdl.cli import stage_parser
 from hpcdl.loop import PhaseSpec, fit, predict
-from hpcdl.metrics import classification_report
 from hpcdl.models import build_model, count_parameters
 from hpcdl.optim import build_optimizer, build_schedule
+from hpcdl.stage_clock import StageClock
 from hpcdl.stage_runtime import (
     MlflowEpochReporter,
     StopRequest,
     exit_resumable,
     load_data,
+    log_memory,
     log_model,
     model_record,
     run_context,
@@ -39,19 +40,22 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", required=True, type=Path)
     parser.add_argument("--out-dir", required=True, type=Path)
     args = parser.parse_args(argv)
+    clock = StageClock()
     cfg = args.params["train"]
     stop = StopRequest()  # first: a walltime signal during start-up must not kill the rank
     backend, device = start_backend(cfg["backend"], cfg["threads_per_rank"], cfg.get("compression", "none"))
+    clock.mark("mpi_setup")
     manifest, splits, normalise = load_data(args.data_dir)
     checkpoint_dir = args.out_dir / "checkpoints"
     # The world size is part of the settings: other shards and another loss scale would not resume exactly.
     digest = config_digest({"train": cfg, "data": manifest["files"], "world_size": backend.size})
     store = CheckpointStore(checkpoint_dir / "train.pt", digest)
     resume = backend.broadcast_object(store.load() if backend.is_root else None)
+    clock.mark("data")
 
     torch.manual_seed(cfg["seed"])  # same initial weights on every rank (and rank 0's are broadcast anyway)
     model = build_model(cfg["model"], in_channels=manifest["channels"], image_size=manifest["image_size"], num_classes=manifest["num_classes"])
-    spec = PhaseSpec("train", cfg["epochs"], cfg["batch_size"], cfg["seed"], cfg["augment"], cfg["precision"], cfg["grad_accum_steps"])
+    spec = PhaseSpec("train", cfg["epochs"], cfg["batch_size"], cfg["seed"], cfg["augment"], cfg["precision"], cfg["grad_accum_steps"], cfg["memory_format"])
     world = backend.size
 
     def make_optimizer(params):
@@ -71,6 +75,7 @@ def main(argv=None) -> int:
                 log_split_inputs(manifest, splits, args.data_dir)
             if resume_run is not None:
                 tracking.print_resuming(resume_run, run, resume["epoch"] if resume else 0)
+        clock.mark("mlflow_setup")
         model, history = fit(
             model=model,
             backend=backend,
@@ -88,8 +93,10 @@ def main(argv=None) -> int:
         )
         if len(history) < spec.epochs:
             exit_resumable(backend, "train", len(history), spec.epochs, store.path)
+        clock.mark("epochs")
+        log_memory(backend)
         if backend.is_root:
-            finish(model, cfg, manifest, splits, normalise, history, args.out_dir, run)
+            finish(model, cfg, manifest, splits, normalise, history, args.out_dir, run, clock)
     backend.barrier()
     backend.shutdown()
     return 0
@@ -101,13 +108,18 @@ def log_split_inputs(manifest: dict, splits: dict, data_dir: Path) -> None:
         tracking.log_dataset(splits[name].x, splits[name].y, name=f"{manifest['provenance']['source']}-{name}", context=context, sha256=sha, source=data_dir.resolve().as_uri())
 
 
-def finish(model, cfg, manifest, splits, normalise, history, out_dir: Path, run) -> None:
+def finish(model, cfg, manifest, splits, normalise, history, out_dir: Path, run, clock: StageClock | None = None) -> None:
     """Rank 0: log and register the model, then write the rule's outputs (last, so they mean 'complete')."""
+    from hpcdl.metrics import classification_report  # scikit-learn and matplotlib: rank 0 only, at the end
+
     val_logits = predict(model, splits["val"], normalise)
     val_report = classification_report(val_logits, splits["val"].y, manifest["classes"])
     mlflow.log_metrics({"final_val_accuracy": val_report["accuracy"], "final_val_loss": val_report["loss"]})
     example = normalise(splits["val"].x[:4]).numpy()
     info = log_model(model, registered_name=cfg["registered_model"], example=example)
+    if clock is not None:
+        clock.mark("model_logging")
+        mlflow.log_metrics(clock.metrics())
     summary = {
         "epochs": len(history),
         "history": history,

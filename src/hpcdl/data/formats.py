@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 
 class DataError(ValueError):
@@ -118,6 +117,9 @@ _GRAY_MODES = {"1", "L", "LA"}
 def scan_imagefolder(root) -> tuple[list[str], list[tuple[str, int]]]:
     """Class names (sorted sub-folder names) and (relative path, class index) for every image, using
     torchvision's own folder rules so the layout means what it means for ImageFolder."""
+    # Imported here: every stage imports this module (for DataError), few scan folders, torchvision takes ~2 s.
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"imagefolder path {root} does not exist or is not a directory")

@@ -14,12 +14,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
-from sklearn.model_selection import train_test_split
 
 from hpcdl.atomic import atomic_output, atomic_write_json
 from hpcdl.data.download import ChecksumError, sha256_file
 from hpcdl.data.formats import DataError
+
+
+def _torchvision_functional():
+    """torchvision's tensor transforms, imported when preprocessing needs them: the training ranks, which import
+    this module for batch_to_tensor, would otherwise pay torchvision's import (about 2 s) at every start."""
+    import torchvision.transforms.v2.functional as functional
+
+    return functional
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
@@ -46,12 +52,12 @@ def convert(images: np.ndarray, *, image_size: int, channels: int) -> np.ndarray
     for start in range(0, n, CONVERT_CHUNK):
         x = torch.from_numpy(np.ascontiguousarray(images[start:start + CONVERT_CHUNK])).float()
         if c == 3 and channels == 1:  # reduce before resizing: a third of the interpolation work
-            x = TF.rgb_to_grayscale(x)
+            x = _torchvision_functional().rgb_to_grayscale(x)
         if (h, w) != (image_size, image_size):
             x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True,
                               align_corners=False)
         if c == 1 and channels == 3:  # expand after resizing, for the same reason
-            x = TF.grayscale_to_rgb(x)
+            x = _torchvision_functional().grayscale_to_rgb(x)
         out[start:start + len(x)] = x.round_().clamp_(0, 255).to(torch.uint8).numpy()
     return out
 
@@ -71,6 +77,8 @@ def split(labels: np.ndarray, *, val_fraction: float, test_fraction: float, seed
         if fraction == 0:
             return idx, idx[:0]
         try:
+            from sklearn.model_selection import train_test_split
+
             return train_test_split(idx, test_size=fraction, stratify=labels[idx], random_state=seed + salt)
         except ValueError as exc:
             raise DataError(f"cannot split {len(idx)} examples stratified with fraction {fraction:.4g} "
