@@ -1,10 +1,12 @@
 """P2: what does the pipeline's training step cost over a bare PyTorch loop on the same model and batches?
 
-Pipeline: hpcdl.loop.fit on one rank with the default backend, everything on: uint8 gather + normalisation,
+Pipeline: hpcdl.loop.fit on one rank with the default backend and the default train settings (memory format), everything on: uint8 gather + normalisation,
 backend wrapper, loss scaling, metric accumulation, per-epoch validation, checkpoint and MLflow logging (SQLite).
-Bare: the textbook loop over the same shuffled batches, already normalised in memory, no metrics, no logging.
+Bare: the textbook loop a user writes (plain `torch.optim.SGD`, default memory format, eager) over the same shuffled
+batches, already normalised in memory, no metrics, no logging.
 Prints both throughputs measured in one run and the ratios: step throughput (the target, >= 0.95x) and whole
-epochs including the per-epoch validation/checkpoint/MLflow work (informational)."""
+epochs including the per-epoch validation/checkpoint/MLflow work (informational). Target >= 1.0x in every run,
+stretch 1.5x."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import mlflow
 import torch
+import yaml
 import torch.nn.functional as F
 
 from hpcdl.checkpoint import CheckpointStore
@@ -26,7 +29,9 @@ from hpcdl.models import build_model
 from hpcdl.optim import build_optimizer, build_schedule
 from hpcdl.stage_runtime import MlflowEpochReporter, start_backend
 
-TARGET = 0.95
+REPO = Path(__file__).resolve().parents[1]
+TARGET = 1.0
+STRETCH = 1.5
 BATCH = 64
 
 
@@ -34,7 +39,7 @@ def bare_loop(x: torch.Tensor, y: torch.Tensor, epochs: int) -> float:
     """samples/s of PyTorch's canonical loop (same model, optimizer, batches)."""
     torch.manual_seed(0)
     model = build_model("lenet5", in_channels=1, image_size=28, num_classes=10)
-    optimizer = build_optimizer("sgd", model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     model.train()
     seen, started = 0, time.perf_counter()
     for epoch in range(epochs):
@@ -63,11 +68,13 @@ def main(argv=None) -> int:
         train, val = (Split(*load_split(root / "data", s)) for s in ("train", "val"))
         normalise = Normaliser(manifest["mean"], manifest["std"])
 
+        bare_before = bare_loop(normalise(train.x[:]), torch.from_numpy(train.y[:]), args.epochs)
         backend, device = start_backend("horovod", 1)
         mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
         torch.manual_seed(0)
         model = build_model("lenet5", in_channels=1, image_size=28, num_classes=10)
-        spec = PhaseSpec("bench", args.epochs, BATCH, seed=0)
+        defaults = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["train"]
+        spec = PhaseSpec("bench", args.epochs, BATCH, seed=0, memory_format=defaults["memory_format"])
         with mlflow.start_run():  # the store's creation (~6 s of SQLite schema set-up) is not per-epoch work
             started = time.perf_counter()
             _, history = fit(
@@ -79,14 +86,15 @@ def main(argv=None) -> int:
             )
             whole = len(train) * args.epochs / (time.perf_counter() - started)
         pipeline_steps = sum(len(train) for _ in history) / sum(len(train) / e["samples_per_second"] for e in history)
-        bare = bare_loop(normalise(train.x[:]), torch.from_numpy(train.y[:]), args.epochs)
+        # The bare loop runs before and after the pipeline and keeps its faster run: any warm-up or drift favours it.
+        bare = max(bare_before, bare_loop(normalise(train.x[:]), torch.from_numpy(train.y[:]), args.epochs))
         backend.shutdown()
 
     print(f"mnist5k train split {len(train)} images, lenet5, batch {BATCH}, 1 rank x 1 thread, {args.epochs} epochs")
     print(f"bare PyTorch loop:                  {bare:9,.0f} samples/s")
     print(f"pipeline train steps:               {pipeline_steps:9,.0f} samples/s")
     print(f"pipeline whole epochs (+val/ckpt/MLflow): {whole:9,.0f} samples/s")
-    print(f"P2 step throughput ratio: {pipeline_steps / bare:.3f}x (target >= {TARGET}x); whole-epoch ratio {whole / bare:.3f}x")
+    print(f"P2 step throughput ratio: {pipeline_steps / bare:.3f}x (target >= {TARGET}x, stretch {STRETCH}x); whole-epoch ratio {whole / bare:.3f}x")
     return 1 if args.check and pipeline_steps / bare < TARGET else 0
 
 
