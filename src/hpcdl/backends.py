@@ -138,6 +138,28 @@ class TorchBackend(Backend):
             torch.distributed.destroy_process_group()
 
 
+class KeepLayout:
+    """A Horovod compression that lets gradients of any memory layout through. Horovod's allreduce takes only
+    contiguous tensors, and the gradients of channels-last weights are channels-last (PyTorch gives a gradient its
+    parameter's strides): those go through a contiguous copy and are written back into the gradient itself, so the
+    optimizer sees the layout it expects. Contiguous gradients pass untouched. Wraps Horovod's none or fp16."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def compress(self, tensor):
+        if tensor.is_contiguous():
+            compressed, context = self.inner.compress(tensor)
+            return compressed, (None, context)
+        compressed, context = self.inner.compress(tensor.contiguous())
+        return compressed, (tensor, context)
+
+    def decompress(self, tensor, context):
+        original, inner_context = context
+        result = self.inner.decompress(tensor, inner_context)
+        return result if original is None else original.copy_(result)
+
+
 class HorovodBackend(Backend):
     name = "horovod"
 
@@ -147,7 +169,7 @@ class HorovodBackend(Backend):
         self.hvd = hvd
         hvd.init()
         self.rank, self.size, self.local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
-        self.compression = hvd.Compression.fp16 if compression == "fp16" else hvd.Compression.none
+        self.compression = KeepLayout(hvd.Compression.fp16 if compression == "fp16" else hvd.Compression.none)
 
     def wrap(self, model, make_optimizer, grad_accum_steps):
         # Horovod hooks the parameters' gradient accumulators and offers no way to unhook them, so a second
@@ -179,13 +201,21 @@ class HorovodBackend(Backend):
         scaler.update()
 
     def sync_initial_state(self, model, optimizer, resumed):
+        """Rank 0's weights to every rank (Horovod's broadcast_parameters, through contiguous copies: Horovod's
+        collectives take only contiguous tensors, and channels-last weights are not). The optimizer state needs no
+        broadcast: a resumed phase loads the same checkpoint on every rank (broadcast as an object by the stage),
+        and a fresh one has none (Horovod's broadcast_optimizer_state would also initialise an empty state with a
+        zero-gradient step, which applies weight decay once and seeds momentum unlike a plain first step)."""
         if self.size == 1:
             return
-        self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-        # Only after loading a checkpoint: on an empty state Horovod initialises it with a zero-gradient step,
-        # which applies weight decay once and seeds momentum unlike a plain first step (and unlike DDP).
-        if resumed:
-            self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+        pending = []
+        for name, tensor in model.state_dict().items():
+            buffer = tensor if tensor.is_contiguous() else tensor.contiguous()
+            pending.append((tensor, buffer, self.hvd.broadcast_async_(buffer, root_rank=0, name=f"hpcdl.initial.{name}")))
+        for tensor, buffer, handle in pending:
+            self.hvd.synchronize(handle)
+            if buffer is not tensor:
+                tensor.copy_(buffer)
 
     def allreduce_sum(self, tensor):
         return self.hvd.allreduce(tensor, op=self.hvd.Sum)
