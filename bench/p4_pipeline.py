@@ -27,13 +27,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--keep", type=Path, help="keep the results here (default: a temporary folder)")
+    parser.add_argument("--configfile", type=Path, help="an extra config file over the default (e.g. onnx: {export: false})")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         results = args.keep or Path(tmp) / "results"
         env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
         snakemake = str(Path(sys.executable).with_name("snakemake"))
         started = time.monotonic()
-        run = subprocess.run([snakemake, "--cores", "2", "--config", f"results={results}"], cwd=REPO, env=env, capture_output=True, text=True)
+        extra = ["--configfile", str(REPO / "config" / "config.yaml"), str(args.configfile.resolve())] if args.configfile else []
+        run = subprocess.run([snakemake, "--cores", "2", *extra, "--config", f"results={results}"], cwd=REPO, env=env, capture_output=True, text=True)
         wall = time.monotonic() - started
         if run.returncode != 0:
             print(run.stdout[-4000:] + run.stderr[-4000:], file=sys.stderr)
@@ -45,7 +47,7 @@ def main(argv=None) -> int:
         print(f"default pipeline, cold, --cores 2: {wall:.1f} s wall (target <= {TARGET_S} s)")
         print(f"accuracy: mnist5k test {100 * evaluation['accuracy']:.2f}%; fine-tuned {100 * finetune['finetuned']['accuracy']:.2f}% "
               f"vs {100 * finetune['baseline']['accuracy']:.2f}% from scratch")
-        phases = ["startup", "mpi_setup", "data", "mlflow_setup", "fetch", "preprocess", "epochs", "evaluation", "model_logging", "total"]
+        phases = ["startup", "mpi_setup", "data", "mlflow_setup", "fetch", "preprocess", "epochs", "evaluation", "export", "parity", "artifacts", "model_logging", "total"]
         print(f"{'stage':22s}" + "".join(f"{p:>14s}" for p in phases) + f"{'peak RSS MB/rank':>20s}")
         for stage in sorted((r for r in runs if "mlflow.parentRunId" in r.data.tags), key=lambda r: r.info.start_time):
             seconds = {p: stage.data.metrics.get(f"seconds.{p}") for p in phases}

@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from hpcdl import tracking
 from hpcdl.atomic import atomic_write_text
+from hpcdl.cli import skip_the_final_collection
 
 RUN_ID_LINE = re.compile(r"^hpcdl-parent-run (?P<run_id>[0-9a-f]{32}) (?P<uri>\S+)$", re.MULTILINE)
 
@@ -46,6 +47,7 @@ def close_parent(log: Path, status: str) -> None:
 
 
 def main(argv=None) -> int:
+    skip_the_final_collection()
     parser = argparse.ArgumentParser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     opener = commands.add_parser("open")

@@ -96,17 +96,27 @@ def container_tags(image_record) -> dict:
     }
 
 
+def torch_version() -> str:
+    """torch.__version__ without importing torch where it is not loaded yet (the onstart hook, fetch: about 1.5 s)."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"].__version__
+    # torch/version.py, read as torch's own __init__ reads it (the distribution's metadata lacks the +cu130 part)
+    import importlib.util
+
+    namespace: dict = {}
+    exec(Path(importlib.util.find_spec("torch").submodule_search_locations[0], "version.py").read_text(), namespace)
+    return namespace["__version__"]
+
+
 def runtime_tags(stage: str, image_record=None, **extra) -> dict:
     """Tags that let a user reproduce and locate a run: code version, where and how it ran, and in which image
     (image_record: the `record_image` rule's JSON when the stages run in Apptainer, else None)."""
-    import torch
-
     tags = {
         **container_tags(image_record),
         "snakemake.rule": stage,
         "hostname": socket.gethostname(),
         "hpcdl.version": hpcdl.__version__,
-        "torch.version": torch.__version__,
+        "torch.version": torch_version(),
         "python.version": platform.python_version(),
         **git_state(),
         **slurm_tags(),
