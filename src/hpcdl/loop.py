@@ -79,6 +79,7 @@ class PhaseSpec:
     precision: str = "fp32"
     grad_accum_steps: int = 1
     memory_format: str = "contiguous"
+    objective: str = "classify"  # a key of OBJECTIVES: what the loss compares the model's output with
 
 
 def micro_steps_per_epoch(n: int, world: int, batch_size: int, grad_accum_steps: int) -> int:
@@ -142,17 +143,67 @@ def predict(model, split: Split, normalise: Normaliser, *, batch_size: int = 102
     return torch.cat(outputs)
 
 
-def _sharded_eval(model, split: Split, normalise, backend: Backend, precision) -> dict:
+class Classification:
+    """Objective `classify`: cross-entropy on the labels; accuracy. Each rank keeps (loss sum, hits, samples)."""
+
+    def loss_sum(self, output, x, y):
+        return F.cross_entropy(output.float(), y, reduction="sum")
+
+    def hits(self, output, y):
+        return (output.argmax(1) == y).sum()
+
+    def train_metrics(self, sums) -> dict:
+        return {"loss": sums[0].item() / sums[2].item(), "accuracy": sums[1].item() / sums[2].item()}
+
+    def eval_sums(self, outputs, split: Split, indices, normalise) -> tuple[float, float]:
+        labels = torch.from_numpy(split.y[indices])
+        return F.cross_entropy(outputs, labels, reduction="sum").item(), (outputs.argmax(1) == labels).sum().item()
+
+    eval_metrics = train_metrics
+
+
+class Reconstruction:
+    """Objective `reconstruct` (autoencoders): the target is the input itself, as the model saw it (normalised,
+    and augmented when augmentation is on). Loss per image: the mean squared error over its pixels, in the
+    normalised space. Validation adds the mean PSNR in dB of the reconstructions on the 0..1 pixel scale (clamped
+    to it, as an image shows them). No accuracy: there are no predicted labels."""
+
+    def loss_sum(self, output, x, y):
+        return F.mse_loss(output.float(), x.float(), reduction="sum") / math.prod(x.shape[1:])
+
+    def hits(self, output, y):
+        return 0
+
+    def train_metrics(self, sums) -> dict:
+        return {"loss": sums[0].item() / sums[2].item()}
+
+    def eval_sums(self, outputs, split: Split, indices, normalise) -> tuple[float, float]:
+        images = np.take(split.x, indices, axis=0)
+        x = normalise(images)
+        mse = (outputs - x).pow(2).flatten(1).mean(1)
+        mean = torch.tensor(normalise.mean).view(1, -1, 1, 1)
+        std = torch.tensor(normalise.std).view(1, -1, 1, 1)
+        pixels = torch.from_numpy(images).float() / 255
+        mse_pixels = ((outputs * std + mean).clamp(0, 1) - pixels).pow(2).flatten(1).mean(1)
+        psnr = -10 * torch.log10(mse_pixels.clamp_min(1e-10))
+        return mse.sum().item(), psnr.sum().item()
+
+    def eval_metrics(self, sums) -> dict:
+        return {"loss": sums[0].item() / sums[2].item(), "psnr": sums[1].item() / sums[2].item()}
+
+
+OBJECTIVES = {"classify": Classification(), "reconstruct": Reconstruction()}
+
+
+def _sharded_eval(model, split: Split, normalise, backend: Backend, precision, objective=OBJECTIVES["classify"]) -> dict:
     indices = np.arange(len(split))[backend.rank :: backend.size]
-    logits = predict(model, split, normalise, precision=precision, indices=indices)
-    labels = torch.from_numpy(split.y[indices])
+    outputs = predict(model, split, normalise, precision=precision, indices=indices)
     sums = torch.zeros(3, dtype=torch.float64)
     if len(indices):
-        sums[0] = F.cross_entropy(logits, labels, reduction="sum").item()
-        sums[1] = (logits.argmax(1) == labels).sum().item()
+        sums[0], sums[1] = objective.eval_sums(outputs, split, indices, normalise)
         sums[2] = len(indices)
     sums = backend.allreduce_sum(sums)
-    return {"loss": sums[0].item() / sums[2].item(), "accuracy": sums[1].item() / sums[2].item()}
+    return objective.eval_metrics(sums)
 
 
 def _seed_everything(seed: int, epoch: int, rank: int) -> torch.Generator:
@@ -200,6 +251,7 @@ def fit(
     the checkpoint of that epoch is written, and the history so far is returned.
     """
     world, rank, accum = backend.size, backend.rank, spec.grad_accum_steps
+    objective = OBJECTIVES[spec.objective]
     step_samples = samples_per_optimizer_step(len(train), world, spec.batch_size, accum)
     steps = len(step_samples)
     micro = steps * accum
@@ -224,7 +276,7 @@ def fit(
         generator = _seed_everything(spec.seed, epoch, rank)
         shard = epoch_shard(len(train), epoch, spec.seed, rank, world)
         model.train()
-        # loss sum, correct, samples of this rank, kept on the device: no host sync per step (it stalls GPUs)
+        # loss sum, correct (classify), samples of this rank, kept on the device: no host sync per step (it stalls GPUs)
         sums = torch.zeros(3, dtype=torch.float64, device=device)
         for step in step_bar(range(micro), desc=f"{spec.name} epoch {epoch + 1}", enabled=backend.is_root):
             indices = shard[step * spec.batch_size : (step + 1) * spec.batch_size]
@@ -235,8 +287,8 @@ def fit(
             last_micro = (step + 1) % accum == 0
             with (nullcontext() if last_micro else backend.no_sync(model)):
                 with autocast_context(spec.precision, device):
-                    logits = model(x)
-                    loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")
+                    output = model(x)
+                    loss_sum = objective.loss_sum(output, x, y)
                 # After the backend averages over ranks: the mean over all samples of this optimizer step.
                 loss = loss_sum * world / max(step_samples[step // accum], 1)
                 (scaler.scale(loss) if scaler else loss).backward()
@@ -246,17 +298,15 @@ def fit(
                 scheduler.step()
             if len(indices):
                 sums[0] += loss_sum.detach()
-                sums[1] += (logits.argmax(1) == y).sum()
+                sums[1] += objective.hits(output, y)
                 sums[2] += len(indices)
         sums = sums.cpu()  # waits for the device, so the time below covers all the queued work
         train_seconds = time.perf_counter() - started
         sums = backend.allreduce_sum(sums)
-        val_metrics = _sharded_eval(unwrap(model), val, normalise, backend, spec.precision)
+        val_metrics = _sharded_eval(unwrap(model), val, normalise, backend, spec.precision, objective)
         metrics = {
-            "loss": sums[0].item() / sums[2].item(),
-            "accuracy": sums[1].item() / sums[2].item(),
-            "val_loss": val_metrics["loss"],
-            "val_accuracy": val_metrics["accuracy"],
+            **objective.train_metrics(sums),
+            **{f"val_{name}": value for name, value in val_metrics.items()},
             "lr": optimizer.param_groups[0]["lr"],
             "samples_per_second": sums[2].item() / train_seconds,
             "epoch_seconds": time.perf_counter() - started,

@@ -27,6 +27,12 @@ def step_bar(iterable, *, desc: str, enabled: bool):
 
 def epoch_line(phase: str, epoch: int, epochs: int, metrics: dict, seconds_left: float) -> str:
     eta = datetime.timedelta(seconds=round(seconds_left))
+    if "accuracy" not in metrics:  # reconstruction (rule autoencode): losses are MSEs, quality is PSNR
+        return (
+            f"[{phase}] epoch {epoch + 1}/{epochs}  loss {metrics['loss']:.4f}  val_loss {metrics['val_loss']:.4f}  "
+            f"val_psnr {metrics['val_psnr']:.2f} dB  lr {metrics['lr']:.4g}  "
+            f"{metrics['samples_per_second']:,.0f} samples/s  {metrics['epoch_seconds']:.1f}s  ETA {eta}"
+        )
     return (
         f"[{phase}] epoch {epoch + 1}/{epochs}  loss {metrics['loss']:.4f}  acc {100 * metrics['accuracy']:.2f}%  "
         f"val_loss {metrics['val_loss']:.4f}  val_acc {100 * metrics['val_accuracy']:.2f}%  lr {metrics['lr']:.4g}  "

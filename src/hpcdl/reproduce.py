@@ -36,12 +36,13 @@ MACHINE_METRIC_PREFIXES = ("seconds.", "peak_rss_mb")  # where time went and mem
 # test accuracy).
 STAGE_TARGETS = {
     "train": ["train/model.pt", "evaluate/metrics.json"],
+    "autoencode": ["autoencode/model.pt"],
     "evaluate": ["evaluate/metrics.json"],
     "finetune": ["finetune/metrics.json"],
     "preprocess": ["data/pretrain/manifest.json", "data/finetune/manifest.json"],
     "fetch": ["raw/pretrain/fetch.json", "raw/finetune/fetch.json"],
 }
-MODEL_FILES = {"train": "train/model.pt", "finetune": "finetune/model.pt"}
+MODEL_FILES = {"train": "train/model.pt", "autoencode": "autoencode/model.pt", "finetune": "finetune/model.pt"}
 
 
 class Refused(SystemExit):
@@ -159,7 +160,7 @@ def main(argv=None) -> int:
         config = json.loads(Path(client.download_artifacts(parent.info.run_id, "config.json", tmp)).read_text())
     commit = check_checkout(args.run_id, run.data.tags)
     in_image = check_image(args.run_id, run.data.tags, config)
-    if stage in ("train", "finetune") and run.data.tags.get("world_size") != str(config[stage]["ranks"]):
+    if stage in ("train", "autoencode", "finetune") and run.data.tags.get("world_size") != str(config[stage]["ranks"]):
         raise Refused(f"run {args.run_id} ran on {run.data.tags.get('world_size')} ranks but its config says {config[stage]['ranks']}")
     if args.results.exists():
         raise Refused(f"{args.results} exists: reproduce writes into a fresh folder")

@@ -134,11 +134,16 @@ def save_model_file(path: Path, record: dict) -> None:
 
 
 def load_model_file(path: Path):
-    """Rebuild the model a stage saved (hpcdl arch or a torchvision backbone) and return (model, record)."""
+    """Rebuild the model a stage saved (hpcdl arch, a torchvision backbone, or an autoencoder) and return (model,
+    record)."""
     record = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(record, dict) or "arch" not in record:
         raise ValueError(f"{path}: not an hpcdl model file (no 'arch' key)")
-    if record["arch"].startswith("torchvision:"):
+    if record.get("kind") == "autoencoder":  # rule autoencode's model (hpcdl.autoencoder)
+        from hpcdl.autoencoder import ConvAutoencoder
+
+        model = ConvAutoencoder(record["arch"], record["in_channels"], record["image_size"])
+    elif record["arch"].startswith("torchvision:"):
         from hpcdl.models import TorchvisionBackbone
 
         model = TorchvisionBackbone(record["arch"].split(":", 1)[1], None, record["num_classes"])
