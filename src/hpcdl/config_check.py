@@ -68,17 +68,25 @@ def describe(error: ValidationError) -> str:
         return f"{key}: {_show(value)} does not match {error.validator_value}"
     if rule == "uniqueItems":
         return f"{key}: {_show(value)} repeats an item"
+    if rule == "minItems":
+        return f"{key}: {_show(value)} is empty (allowed: a list of at least {error.validator_value} value{'s' if error.validator_value > 1 else ''})"
     return f"{key}: {_show(value)}: {error.message.splitlines()[0][:120]}"
 
 
 def rule_errors(config: dict) -> list[str]:
     """What a JSON schema cannot say: relations between keys."""
     lines = []
-    for stage in ("train", "finetune"):
+    for stage in ("train", "autoencode", "finetune"):
         section = config.get(stage)
         if isinstance(section, dict) and isinstance(section.get("ranks"), int) and isinstance(section.get("nodes"), int):
             if section["ranks"] % section["nodes"]:
                 lines.append(f"{stage}.ranks: {section['ranks']} is not a multiple of {stage}.nodes ({section['nodes']}): "
+                             "the ranks are spread evenly over the nodes")
+    train, grid = config.get("train"), (config.get("sweep") or {}).get("grid") or {}
+    if isinstance(train, dict) and isinstance(train.get("nodes"), int):  # a sweep's ranks spread over train.nodes
+        for ranks in grid.get("train.ranks", []):
+            if isinstance(ranks, int) and ranks % train["nodes"]:
+                lines.append(f"sweep.grid.train.ranks: {ranks} is not a multiple of train.nodes ({train['nodes']}): "
                              "the ranks are spread evenly over the nodes")
     return lines
 
