@@ -15,6 +15,7 @@ import torch
 
 from hpcdl import tracking
 from hpcdl.atomic import atomic_write_json
+from hpcdl.autoencoder import MODEL_KIND, classifier_from_encoder
 from hpcdl.checkpoint import CheckpointStore, config_digest
 from hpcdl.cli import stage_parser
 from hpcdl.data.download import sha256_file
@@ -39,15 +40,25 @@ from hpcdl.stage_runtime import (
 )
 
 
+# finetune.init values that name a model this workflow makes (the schema's pattern adds torchvision:<arch>):
+# `pretrain` the classifier of rule train, `autoencoder` the encoder of rule autoencode.
+INIT_NAMES = ("pretrain", "autoencoder")
+
+
 def pretrained_model(init: str, init_file: Path, manifest: dict):
     """(model with the target head, arch name, lineage) for finetune.init."""
-    if init == "pretrain":
+    if init in INIT_NAMES:
         model, record = load_model_file(init_file)
         for key in ("in_channels", "image_size"):
             target = manifest["channels" if key == "in_channels" else key]
             if record[key] != target:
                 raise ValueError(f"{init_file}: pretrained model has {key}={record[key]} but the fine-tuning data has {target}; set data.channels/data.image_size for both datasets")
         lineage = {"parent_run_id": record.get("mlflow_run_id"), "parent_model_uri": record.get("model_uri"), "init": init}
+        if init == "autoencoder":  # the classifier of the same arch: the encoder's weights as `features`, a new head
+            if record.get("kind") != MODEL_KIND:
+                raise ValueError(f"{init_file}: finetune.init is 'autoencoder' but this file holds a {record.get('kind', 'classifier')} model, not rule autoencode's")
+            classifier = classifier_from_encoder(model, record["arch"], in_channels=record["in_channels"], image_size=record["image_size"], num_classes=manifest["num_classes"])
+            return classifier, record["arch"], lineage
         return replace_head(model, manifest["num_classes"]), record["arch"], lineage
     arch = init.split(":", 1)[1]
     state = torch.load(init_file, map_location="cpu", weights_only=True)
@@ -133,6 +144,7 @@ def main(argv=None) -> int:
 def finish(model, baseline, arch, lineage, ft, manifest, splits, normalise, history, out_dir: Path, run) -> None:
     """Rank 0: test both models, log and register the fine-tuned one, then write the rule's outputs."""
     from hpcdl.evaluate import evaluate_model  # scikit-learn and matplotlib: rank 0 only, at the end
+    from hpcdl.plots import plot_finetune_curves
 
     report = evaluate_model(model, manifest, splits, normalise, out_dir, title=f"fine-tuned {arch}", misclassified=False)
     metrics = {"test_accuracy": report["accuracy"], "test_loss": report["loss"], "test_macro_f1": report["macro_f1"]}
@@ -145,6 +157,19 @@ def finish(model, baseline, arch, lineage, ft, manifest, splits, normalise, hist
         mlflow.log_artifact(str(out_dir / "baseline" / "confusion_matrix.png"), artifact_path="baseline")
     mlflow.log_metrics(metrics)
     mlflow.log_artifact(str(out_dir / "confusion_matrix.png"))
+    baseline_history = None
+    if baseline is not None:
+        # main() keeps only the baseline model; its per-epoch history is what this run recorded as baseline_*
+        # (complete after a resume too: MlflowEpochReporter.on_resume logs the epochs an attempt missed).
+        client = mlflow.MlflowClient()
+        keys = ("loss", "accuracy", "val_loss", "val_accuracy")
+        columns = [[m.value for m in sorted(client.get_metric_history(run.info.run_id, f"baseline_{key}"), key=lambda m: m.step)] for key in keys]
+        baseline_history = summary["baseline_history"] = [dict(zip(keys, values)) for values in zip(*columns)]
+    accuracies = {"fine-tuned": report["accuracy"], "baseline": summary["baseline"]["accuracy"] if baseline is not None else None}
+    versus = f" vs {100 * accuracies['baseline']:.2f}% from scratch" if baseline is not None else ""
+    curves = plot_finetune_curves(history, ft["epochs_frozen"], baseline_history, accuracies, out_dir / "curves.png",
+                                  title=f"fine-tuned {arch}: test accuracy {100 * report['accuracy']:.2f}%{versus}")
+    mlflow.log_artifact(str(curves), artifact_path="finetune")
     info = log_model(model, registered_name=ft["registered_model"], example=normalise(splits["val"].x[:4]).numpy())
     summary["mlflow"] = {"run_id": run.info.run_id, "model_uri": info.model_uri, "registered_model": ft["registered_model"]}
     mlflow.log_dict(summary, "finetune/metrics.json")

@@ -33,6 +33,7 @@ from hpcdl.stage_runtime import (
     stage_tags,
     start_backend,
 )
+from hpcdl.sweep_grid import point_tags
 
 
 def main(argv=None) -> int:
@@ -65,7 +66,11 @@ def main(argv=None) -> int:
         return build_schedule(optimizer, world_size=world, warmup_steps=cfg["warmup_epochs"] * steps_per_epoch, total_steps=cfg["epochs"] * steps_per_epoch, schedule=cfg["schedule"])
 
     resume_run = tracking.resumable_run(checkpoint_dir, digest) if backend.is_root else None
-    with run_context(backend, args.params["mlflow"], stage="train", parent_run_file=args.parent_run, resume=resume_run, tags=stage_tags("train", backend, image_record=args.params.get("image_record"))) as run:
+    # Rule train_sweep runs this module for one point of a sweep: its own run name and tags (hpcdl.sweep_grid).
+    sweep = args.params.get("sweep")
+    rule, run_name = ("train_sweep", f"train_sweep-{sweep['point']}") if sweep else ("train", None)
+    tags = stage_tags(rule, backend, image_record=args.params.get("image_record"), **point_tags(sweep))
+    with run_context(backend, args.params["mlflow"], stage="train", run_name=run_name, parent_run_file=args.parent_run, resume=resume_run, tags=tags) as run:
         if backend.is_root:
             tracking.remember_run(checkpoint_dir, digest, run)
             tracking.print_where(args.params["mlflow"], run)
@@ -96,7 +101,9 @@ def main(argv=None) -> int:
         clock.mark("epochs")
         log_memory(backend)
         if backend.is_root:
-            finish(model, cfg, manifest, splits, normalise, history, args.out_dir, run, clock)
+            if sweep:  # a point's model is logged with its run, not registered as the workflow's pretrained model
+                cfg = {**cfg, "registered_model": None}
+            finish(model, cfg, manifest, splits, normalise, history, args.out_dir, run, clock, world_size=world)
     backend.barrier()
     backend.shutdown()
     return 0
@@ -108,13 +115,16 @@ def log_split_inputs(manifest: dict, splits: dict, data_dir: Path) -> None:
         tracking.log_dataset(splits[name].x, splits[name].y, name=f"{manifest['provenance']['source']}-{name}", context=context, sha256=sha, source=data_dir.resolve().as_uri())
 
 
-def finish(model, cfg, manifest, splits, normalise, history, out_dir: Path, run, clock: StageClock | None = None) -> None:
+def finish(model, cfg, manifest, splits, normalise, history, out_dir: Path, run, clock: StageClock | None = None, world_size: int | None = None) -> None:
     """Rank 0: log and register the model, then write the rule's outputs (last, so they mean 'complete')."""
     from hpcdl.metrics import classification_report  # scikit-learn and matplotlib: rank 0 only, at the end
+    from hpcdl.plots import plot_training_curves
 
     val_logits = predict(model, splits["val"], normalise)
     val_report = classification_report(val_logits, splits["val"].y, manifest["classes"])
     mlflow.log_metrics({"final_val_accuracy": val_report["accuracy"], "final_val_loss": val_report["loss"]})
+    curves = plot_training_curves(history, out_dir / "curves.png", title=f"train {cfg['model']}: {len(history)} epochs, val accuracy {100 * val_report['accuracy']:.2f}%")
+    mlflow.log_artifact(str(curves), artifact_path="train")
     example = normalise(splits["val"].x[:4]).numpy()
     info = log_model(model, registered_name=cfg["registered_model"], example=example)
     if clock is not None:
@@ -122,6 +132,7 @@ def finish(model, cfg, manifest, splits, normalise, history, out_dir: Path, run,
         mlflow.log_metrics(clock.metrics())
     summary = {
         "epochs": len(history),
+        "world_size": world_size,
         "history": history,
         "final": history[-1],
         "val": {"accuracy": val_report["accuracy"], "loss": val_report["loss"]},

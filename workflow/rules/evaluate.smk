@@ -11,11 +11,13 @@ rule evaluate:
             f"{RESULTS}/evaluate/confusion_matrix.png",
             caption="../report/confusion_matrix.rst",
             category="Evaluation",
+            labels={"figure": "confusion matrix"},
         ),
         misclassified=report(
             f"{RESULTS}/evaluate/misclassified.png",
             caption="../report/misclassified.rst",
             category="Evaluation",
+            labels={"figure": "misclassified test images"},
         ),
     container:
         IMAGE

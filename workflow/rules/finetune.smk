@@ -12,6 +12,13 @@ rule finetune:
             f"{RESULTS}/finetune/confusion_matrix.png",
             caption="../report/confusion_matrix.rst",
             category="Fine-tuning",
+            labels={"figure": "confusion matrix (fine-tuned)"},
+        ),
+        curves=report(
+            f"{RESULTS}/finetune/curves.png",
+            caption="../report/finetune_curves.rst",
+            category="Fine-tuning",
+            labels={"figure": "fine-tuned vs baseline"},
         ),
     log:
         f"{RESULTS}/logs/finetune.log",

@@ -8,6 +8,12 @@ rule train:
     output:
         model=f"{RESULTS}/train/model.pt",
         metrics=f"{RESULTS}/train/metrics.json",
+        curves=report(
+            f"{RESULTS}/train/curves.png",
+            caption="../report/train_curves.rst",
+            category="Training",
+            labels={"figure": "training curves"},
+        ),
     log:
         f"{RESULTS}/logs/train.log",
     params:
