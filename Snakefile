@@ -18,19 +18,28 @@ check_config(config, os.path.join(workflow.basedir, "workflow/schemas/config.sch
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
+# `snakemake --report report.html`: this description, then the outputs marked report() (captions: workflow/report/).
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/containers.smk"
 include: "workflow/rules/fetch.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/autoencode.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/finetune.smk"
+include: "workflow/rules/sweep.smk"
+include: "workflow/rules/onnx.smk"
 
 
 rule all:
     input:
         f"{RESULTS}/evaluate/metrics.json",
         f"{RESULTS}/finetune/metrics.json",
+        *SWEEP_TARGETS,  # with a non-empty sweep.grid: the sweep's summary (workflow/rules/sweep.smk)
+        *ONNX_TARGETS,  # with onnx.export: the ONNX files of both models (workflow/rules/onnx.smk)
     default_target: True
 
 

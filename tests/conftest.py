@@ -109,12 +109,13 @@ def snakemake(results: Path, *args, timeout=900, cwd=REPO):
 
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory):
-    """The default pipeline, run once per session by a plain `snakemake` (local profile): (results, completed run)."""
+    """The default pipeline plus the ONNX export (`snakemake all onnx`, local profile), run once per session:
+    (results, completed run)."""
     import time
 
     results = tmp_path_factory.mktemp("pipeline") / "results"
     started = time.monotonic()
-    run = snakemake(results)
+    run = snakemake(results, "all", "onnx")
     elapsed = time.monotonic() - started
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-6000:]
     print(f"default pipeline: {elapsed:.1f} s wall")

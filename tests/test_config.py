@@ -75,6 +75,21 @@ def test_the_names_the_code_accepts_are_the_schemas():
     assert set(DEFAULT_BASE_URLS) == set(SCHEMA["properties"]["data"]["properties"]["mirror"]["propertyNames"]["enum"])
     init_pattern = SCHEMA["properties"]["finetune"]["properties"]["init"]["pattern"]
     assert set(re.search(r"torchvision:\(([^)]*)\)", init_pattern).group(1).split("|")) == set(TORCHVISION_ARCHS)
+    from hpcdl.finetune import INIT_NAMES
+
+    assert set(MODEL_NAMES) == set(_enum("autoencode", "model"))
+    assert set(OPTIMIZER_NAMES) == set(_enum("autoencode", "optimizer"))
+    assert set(AUGMENT_NAMES) == set(_enum("autoencode", "augment"))
+    assert set(re.fullmatch(r"\^\(([^(]*)\|torchvision:.*", init_pattern).group(1).split("|")) == set(INIT_NAMES)
+
+
+def test_the_keys_a_sweep_may_vary_are_the_schemas():
+    from hpcdl.sweep_grid import SWEEP_KEYS
+
+    grid = SCHEMA["properties"]["sweep"]["properties"]["grid"]
+    assert set(SWEEP_KEYS) == set(grid["propertyNames"]["enum"]) == set(grid["properties"])
+    for key in SWEEP_KEYS:  # each swept value is checked by that train key's own definition
+        assert grid["properties"][key]["items"] == {"$ref": f"#/properties/train/properties/{key.split('.', 1)[1]}"}, key
 
 
 # --- bad input ----------------------------------------------------------------------------------------------------
@@ -95,7 +110,7 @@ def test_the_names_the_code_accepts_are_the_schemas():
         ({"data": {"mirror": {"svhn": "https://x/"}}}, "data.mirror: 'svhn' is not allowed (allowed: mnist, fashion-mnist, cifar10)"),
         ({"finetune": {"init": "torchvision:resnet18"}}, "finetune.weights: null is not a mapping"),
         ({"finetune": {"weights": {"url": "https://x/y.pth", "sha256": "abc"}, "init": "torchvision:resnet18"}}, "finetune.weights.sha256: 'abc' does not match"),
-        ({"experimnet": "typo"}, "experimnet: unknown key (allowed: container, data, experiment,"),
+        ({"experimnet": "typo"}, "experimnet: unknown key (allowed: autoencode, container, data, experiment,"),
     ],
 )
 def test_bad_config_is_rejected_before_any_job_in_one_line(tmp_path, override, expected):

@@ -31,7 +31,8 @@ from container_fixtures import StageImage, image_label
 from slurm_fixtures import chown_tree, mlflow_runs, profile_variant, run_snakemake
 
 CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-STAGES = ["fetch-pretrain", "fetch-finetune", "preprocess-pretrain", "preprocess-finetune", "train", "evaluate", "finetune"]
+STAGES = ["fetch-pretrain", "fetch-finetune", "preprocess-pretrain", "preprocess-finetune", "train", "evaluate", "finetune",
+          "export_onnx-train", "export_onnx-finetune"]
 
 
 # --- 1. the record of the image -------------------------------------------------------------------------------------
@@ -155,7 +156,7 @@ def test_pipeline_in_the_image_locally(stage_image: StageImage, slurm_user, slur
         slurm_user.run(command, cwd=workdir, check=True)
     commit = slurm_user.run(["git", "rev-parse", "HEAD"], cwd=workdir, check=True).stdout.strip()
     started = time.monotonic()
-    run = run_snakemake(slurm_user, workdir, "--profile", "profiles/apptainer", "--config", f"container={stage_image.path}", timeout=1200)
+    run = run_snakemake(slurm_user, workdir, "--profile", "profiles/apptainer", "all", "onnx", "--config", f"container={stage_image.path}", timeout=1200)
     elapsed = time.monotonic() - started
     log = run.stdout + run.stderr
     (workdir / "snakemake.log").write_text(log)

@@ -27,7 +27,8 @@ from slurm_fixtures import SNAKEMAKE, chown_tree, mlflow_runs, profile_variant, 
 
 CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 RANKS = CONFIG["train"]["ranks"]
-STAGES = ["fetch-pretrain", "fetch-finetune", "preprocess-pretrain", "preprocess-finetune", "train", "evaluate", "finetune"]
+STAGES = ["fetch-pretrain", "fetch-finetune", "preprocess-pretrain", "preprocess-finetune", "train", "evaluate", "finetune",
+          "export_onnx-train", "export_onnx-finetune"]
 LOCAL_RULES = {"fetch"}  # (the parent MLflow run is opened by onstart, on the submitting host)
 PROFILE = "profiles/slurm-test"
 SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: \S*/slurm_logs/rule_(\w+)/(?:(\w+)/)?\d+\.log\)")
@@ -190,7 +191,7 @@ def test_sbatch_spreads_the_ranks_evenly_over_the_configured_nodes(sbatch_spy, s
 def slurm_pipeline(slurm_cluster, slurm_user, slurm_workdir):
     workdir = slurm_workdir("pipeline")
     started = time.monotonic()
-    run = run_snakemake(slurm_user, workdir, "--profile", PROFILE, "--verbose", timeout=900)
+    run = run_snakemake(slurm_user, workdir, "--profile", PROFILE, "--verbose", "all", "onnx", timeout=900)
     elapsed = time.monotonic() - started
     log = run.stdout + run.stderr
     (workdir / "snakemake.log").write_text(log)
@@ -255,7 +256,8 @@ def test_mlflow_parent_with_seven_children_tagged_with_their_slurm_jobs(slurm_pi
         if rule in LOCAL_RULES:
             assert "slurm.job_id" not in tags, f"{run['name']} ran on the submit host, not in a Slurm job"
             continue
-        role = run["params"].get("role", "") if rule == "preprocess" else ""
+        # the job's wildcard (its Slurm log folder): preprocess's role, export_onnx's model
+        role = {"preprocess": run["params"].get("role", ""), "export_onnx": run["params"].get("model.name", "")}.get(rule, "")
         assert tags.get("slurm.job_id") == jobs[(rule, role)], (run["name"], role, tags)
         assert tags.get("slurm.partition") == "debug" and tags.get("slurm.nodelist"), tags
     train = next(r for r in children if r["name"] == "train")

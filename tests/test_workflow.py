@@ -14,7 +14,8 @@ from conftest import assert_results_meet_the_targets, snakemake
 from hpcdl.launch import local_cores
 
 # What the runs table shows: the two fetch and preprocess runs are told apart by their role.
-STAGES = ["fetch-pretrain", "fetch-finetune", "preprocess-pretrain", "preprocess-finetune", "train", "evaluate", "finetune"]
+STAGES = ["fetch-pretrain", "fetch-finetune", "preprocess-pretrain", "preprocess-finetune", "train", "evaluate", "finetune",
+          "export_onnx-train", "export_onnx-finetune"]
 
 
 def client_of(results) -> MlflowClient:

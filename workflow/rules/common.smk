@@ -13,6 +13,7 @@ import hpcdl
 from hpcdl.checkout import export_git_state
 from hpcdl.launch import LOCAL_MPIRUN, oversubscription_warning
 from hpcdl.slurm_job import export_slurm_tags
+from hpcdl.sweep_grid import POINT_PATTERN, grid_points, point_train_config
 
 RESULTS = config["results"].rstrip("/")
 # The parent MLflow run of this invocation: its id is written here by the onstart handler and read by every
@@ -101,36 +102,40 @@ def split_files(role):
     }
 
 
-def mpi_resources(stage):
-    """The Slurm geometry of an MPI stage from config[stage]: `nodes`, and its `ranks` spread evenly over them.
+def mpi_resources(stage, cfg=None):
+    """The Slurm geometry of an MPI stage from its config section `cfg` (default config[stage]; a sweep point
+    passes its own train section): `nodes`, and its `ranks` spread evenly over them.
     The executor plugin takes either `tasks` (--ntasks) or `tasks_per_node` (--ntasks-per-node, which it accepts
     only above 1 for MPI jobs); N ranks on N nodes are --ntasks=N --nodes=N, one per node by Slurm's own rule."""
-    ranks, nodes = config[stage]["ranks"], config[stage]["nodes"]
+    cfg = config[stage] if cfg is None else cfg
+    ranks, nodes = cfg["ranks"], cfg["nodes"]
     if nodes > 1 and ranks // nodes > 1:
         return {"nodes": nodes, "tasks_per_node": ranks // nodes}
     return {"nodes": nodes, "tasks": ranks}
 
 
-def mpi_launch(resources, stage):
+def mpi_launch(resources, stage, cfg=None):
     """The command that starts a stage's ranks. On Slurm: `srun --mpi=pmix -n <ranks> -N <nodes>
     --ntasks-per-node=<ranks / nodes> --cpus-per-task=<threads> --kill-on-bad-exit=1`: the geometry is explicit
     because an srun inside an allocation inherits none of it (the jobstep executor removes SLURM_* variables, and
     Slurm >= 22.05 no longer passes --cpus-per-task on); --kill-on-bad-exit ends the step when one rank dies, so no
-    rank on another node waits in a collective for it. Locally: mpirun -n <ranks> on this one machine."""
-    ranks, nodes, threads = config[stage]["ranks"], config[stage]["nodes"], config[stage]["threads_per_rank"]
+    rank on another node waits in a collective for it. Locally: mpirun -n <ranks> on this one machine.
+    cfg: the stage's config section (default config[stage])."""
+    cfg = config[stage] if cfg is None else cfg
+    ranks, nodes, threads = cfg["ranks"], cfg["nodes"], cfg["threads_per_rank"]
     if resources.mpi.split()[0] == "srun":
         return (f"{resources.mpi} -n {ranks} -N {nodes} --ntasks-per-node={ranks // nodes} --cpus-per-task={threads}"
                 " --kill-on-bad-exit=1")
     return f"{resources.mpi} -n {ranks}"
 
 
-def launch_warning(resources, stage):
+def launch_warning(resources, stage, cfg=None):
     """`echo <warning>; ` when a local launch (mpirun) asks for more ranks x threads than this machine's cores
     (it then runs oversubscribed) or for several nodes (a local run has one), else nothing; on Slurm the
-    allocation decides."""
+    allocation decides. cfg: the stage's config section (default config[stage])."""
     if resources.mpi.split()[0] == "srun":
         return ""
-    cfg = config[stage]
+    cfg = config[stage] if cfg is None else cfg
     warnings = [oversubscription_warning(cfg["ranks"], cfg["threads_per_rank"])]
     if cfg["nodes"] > 1:
         warnings.append(f"hpcdl: warning: {stage}.nodes={cfg['nodes']} has no effect in a local run: all "
@@ -139,7 +144,7 @@ def launch_warning(resources, stage):
 
 
 # The rules whose jobs log MLflow runs: an invocation without any (`snakemake build_images`) opens no parent run.
-STAGE_RULES = {"fetch", "fetch_weights", "preprocess", "train", "evaluate", "finetune"}
+STAGE_RULES = {"fetch", "fetch_weights", "preprocess", "train", "autoencode", "evaluate", "finetune"}
 PARENT_OPENED = []
 
 
@@ -172,8 +177,53 @@ def close_parent_run(status):
 
 
 def finetune_init_file(wildcards):
-    """The model fine-tuning starts from: this workflow's pretrained model or fetched torchvision weights."""
+    """The model fine-tuning starts from: this workflow's pretrained model, its autoencoder (whose encoder it
+    takes) or fetched torchvision weights."""
     init = config["finetune"]["init"]
     if init == "pretrain":
         return f"{RESULTS}/train/model.pt"
+    if init == "autoencoder":
+        return f"{RESULTS}/autoencode/model.pt"
     return f"{RESULTS}/raw/weights/{init.split(':', 1)[1]}.pth"
+
+
+# --- Sweeps (config `sweep`, rules in sweep.smk): one training per point of sweep.grid, named by a wildcard
+# (`batch_size=64,lr=0.1`, hpcdl.sweep_grid); a point's params, threads and Slurm geometry come from its own values
+# alone, so a grown grid runs only the new points.
+SWEEP_POINTS = grid_points(config["sweep"]["grid"])
+SWEEP_DIR = f"{RESULTS}/sweep"
+SWEEP_TARGETS = [f"{SWEEP_DIR}/summary.csv"] if SWEEP_POINTS else []  # what `rule all` adds for a sweep
+STAGE_RULES.update({"train_sweep", "sweep_summary"})  # their jobs log MLflow runs: they open the parent run
+
+
+def sweep_point(wildcards):
+    """The swept values of the point a job trains (a point outside sweep.grid is refused)."""
+    if wildcards.point not in SWEEP_POINTS:
+        raise WorkflowError(f"sweep point {wildcards.point!r} is not in sweep.grid (its points: {', '.join(SWEEP_POINTS) or 'none'})")
+    return SWEEP_POINTS[wildcards.point]
+
+
+def sweep_train(wildcards):
+    """The point's train section: config `train` with the point's values substituted."""
+    return point_train_config(config["train"], sweep_point(wildcards))
+
+
+def sweep_metrics(wildcards):
+    """The metrics.json of every point, in grid order: the summary's input."""
+    if not SWEEP_POINTS:
+        raise WorkflowError("sweep.grid is empty: there is no sweep to summarise (set e.g. sweep.grid: {train.batch_size: [32, 64]})")
+    return expand(f"{SWEEP_DIR}/{{point}}/train/metrics.json", point=list(SWEEP_POINTS))
+
+
+# --- ONNX export (config `onnx`; the rule: onnx.smk): the trained and the fine-tuned model, each checked by ONNX
+# Runtime on the test split of its own dataset. Which model (the wildcard, also the folder of its model.pt) is
+# checked on which dataset role:
+ONNX_MODELS = {"train": "pretrain", "finetune": "finetune"}
+ONNX_TARGETS = [f"{RESULTS}/onnx/{name}.onnx" for name in ONNX_MODELS] if config["onnx"]["export"] else []  # for `rule all`
+STAGE_RULES.add("export_onnx")  # its jobs log MLflow runs: they open the parent run
+
+
+def onnx_data(wildcards):
+    """The dataset (manifest and splits) whose test split an exported model is checked on."""
+    role = ONNX_MODELS[wildcards.model]
+    return {"manifest": f"{RESULTS}/data/{role}/manifest.json", **split_files(role)}
