@@ -12,4 +12,6 @@ for file in /etc/subuid /etc/subgid /etc/hosts; do
     echo "$file: $(sha256sum < "$file" 2>/dev/null | cut -c1-16 || echo absent)"
 done
 echo "/etc/slurm: $(ls -A /etc/slurm 2>/dev/null | tr '\n' ' ')"
-echo "daemons: $(pgrep -x 'slurmctld|slurmd|slurmstepd|munged|postgres|mlflow' | wc -l)"
+# One name per pgrep: a pattern longer than 15 characters (the kernel's process-name length) never matches.
+echo "daemons: $(for name in slurmctld slurmd slurmstepd munged postgres; do pgrep -x "$name"; done | wc -l)"
+echo "mlflow servers: $(pgrep -f 'mlflow server|hpcdl.tracking_server' | wc -l)"
