@@ -239,7 +239,7 @@ def test_slurm_results_meet_the_local_targets(slurm_pipeline):
 
 
 @pytest.mark.slow
-def test_mlflow_parent_with_seven_children_tagged_with_their_slurm_jobs(slurm_pipeline, slurm_user):
+def test_mlflow_parent_with_a_child_per_stage_tagged_with_its_slurm_job(slurm_pipeline, slurm_user):
     workdir, log = slurm_pipeline
     runs = mlflow_runs(slurm_user, workdir / "results")
     parents = [r for r in runs if "mlflow.parentRunId" not in r["tags"]]
