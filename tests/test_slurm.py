@@ -205,11 +205,12 @@ def test_every_non_local_rule_ran_as_a_slurm_job(slurm_pipeline):
     workdir, log = slurm_pipeline
     rules = re.findall(r"^rule (\w+):$", log, re.M)
     local = re.findall(r"^localrule (\w+):$", log, re.M)
-    assert sorted(rules) == ["evaluate", "finetune", "preprocess", "preprocess", "train"], rules
+    assert sorted(rules) == ["evaluate", "export_onnx", "export_onnx", "finetune", "preprocess", "preprocess", "train"], rules
     assert set(local) >= LOCAL_RULES, local
     submitted = SUBMITTED.findall(log)
     assert sorted((rule, wildcards) for _, _, rule, wildcards in submitted) == sorted(
-        [("evaluate", ""), ("finetune", ""), ("preprocess", "finetune"), ("preprocess", "pretrain"), ("train", "")]
+        [("evaluate", ""), ("export_onnx", "finetune"), ("export_onnx", "train"), ("finetune", ""), ("preprocess", "finetune"),
+         ("preprocess", "pretrain"), ("train", "")]
     ), submitted
     assert len({slurm_id for _, slurm_id, _, _ in submitted}) == len(submitted)
     assert not LOCAL_RULES & {rule for _, _, rule, _ in submitted}, "fetch is a localrule"
