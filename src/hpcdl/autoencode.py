@@ -41,8 +41,6 @@ from hpcdl.stage_runtime import (
 )
 from hpcdl.train import log_split_inputs
 
-# What rule autoencode takes from the `train` section (as finetune does): how the ranks compute, not what they learn.
-TRAIN_KEYS = ("backend", "compression", "precision", "memory_format", "grad_accum_steps", "nesterov", "schedule", "warmup_epochs")
 GRID_IMAGES = 16  # reconstructions grid: at most this many validation images
 
 

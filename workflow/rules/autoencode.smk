@@ -23,7 +23,7 @@ rule autoencode:
         parent=PARENT_RUN,
         stage=lambda wildcards: stage_params(
             autoencode=config["autoencode"],
-            train={k: config["train"][k] for k in ("backend", "compression", "precision", "memory_format", "grad_accum_steps", "nesterov", "schedule", "warmup_epochs")},
+            train={k: config["train"][k] for k in TRAIN_COMPUTE_KEYS},
         ),
         data_dir=lambda wildcards, input: os.path.dirname(input.manifest),
         out_dir=lambda wildcards, output: os.path.dirname(output.model),

@@ -22,6 +22,8 @@ RESULTS = config["results"].rstrip("/")
 PARENT_RUN = f"{RESULTS}/.mlflow_parent_run"
 PARENT_LOG = f"{RESULTS}/logs/mlflow_parent.log"
 ROLES = ("pretrain", "finetune")
+# What rules finetune and autoencode take from the `train` section: how the ranks compute, not what they learn.
+TRAIN_COMPUTE_KEYS = ("backend", "compression", "precision", "memory_format", "grad_accum_steps", "nesterov", "schedule", "warmup_epochs")
 
 # --- Where the stages run: on the host, or in the Apptainer image (`--sdm apptainer`, as profiles/apptainer and
 # profiles/slurm set) --------------------------------------------------------------------------------------------

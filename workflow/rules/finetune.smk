@@ -29,7 +29,7 @@ rule finetune:
         parent=PARENT_RUN,
         stage=lambda wildcards: stage_params(
             finetune=config["finetune"],
-            train={k: config["train"][k] for k in ("model", "backend", "compression", "precision", "memory_format", "grad_accum_steps", "nesterov", "schedule", "warmup_epochs")},
+            train={k: config["train"][k] for k in ("model", *TRAIN_COMPUTE_KEYS)},
         ),
         data_dir=lambda wildcards, input: os.path.dirname(input.manifest),
         out_dir=lambda wildcards, output: os.path.dirname(output.model),
