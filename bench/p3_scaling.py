@@ -7,7 +7,11 @@ all measured in this one run. Steady state: the first epoch (warm-up, allocator,
 It also measures the ceiling that no communication scheme can pass on this machine: two independent 1-rank runs
 started together (no MPI between them, nothing to wait for): their summed throughput / (2 x one run alone) is
 what two busy cores give (shared caches, memory bandwidth, frequency, the OS and Snakemake's own processes).
-A backend's efficiency divided by that ceiling is the part the communication costs."""
+A backend's efficiency divided by that ceiling is the part the communication costs.
+
+Each backend is also run the way it was before its CPU tuning (hpcdl.backends), to show what that buys:
+torch with gloo summing DDP's gradients (HPCDL_TORCH_CPU_ALLREDUCE=gloo) instead of MPI, horovod with Horovod's
+default cycle time (HOROVOD_CYCLE_TIME=1 ms) instead of 0.1 ms. --check judges the defaults only."""
 
 from __future__ import annotations
 
@@ -40,12 +44,16 @@ def prepare(root: Path) -> Path:
     return root / "data"
 
 
-def start(root: Path, data: Path, backend: str, ranks: int, epochs: int, name: str) -> tuple[subprocess.Popen, Path]:
+# The settings each backend ran with before its CPU tuning (hpcdl.backends): printed beside the defaults.
+UNTUNED = {"torch": {"HPCDL_TORCH_CPU_ALLREDUCE": "gloo"}, "horovod": {"HOROVOD_CYCLE_TIME": "1"}}
+
+
+def start(root: Path, data: Path, backend: str, ranks: int, epochs: int, name: str, settings: dict | None = None) -> tuple[subprocess.Popen, Path]:
     cfg = copy.deepcopy(yaml.safe_load((REPO / "config" / "config.yaml").read_text())["train"])
     cfg.update(backend=backend, ranks=ranks, threads_per_rank=1, epochs=epochs, augment=[])
     out = root / name
     params = {"mlflow": {"tracking_uri": f"sqlite:///{out}.db", "experiment": "p3"}, "train": cfg}
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", **(settings or {}))
     command = [*LOCAL_MPIRUN.split(), "-n", str(ranks), sys.executable, "-m", "hpcdl.train", "--params", json.dumps(params), "--data-dir", str(data), "--out-dir", str(out)]
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO), out
 
@@ -58,8 +66,8 @@ def steady(process: subprocess.Popen, out: Path) -> float:
     return statistics.median(epoch["samples_per_second"] for epoch in history[1:])
 
 
-def throughput(root: Path, data: Path, backend: str, ranks: int, epochs: int) -> float:
-    return steady(*start(root, data, backend, ranks, epochs, f"{backend}-{ranks}"))
+def throughput(root: Path, data: Path, backend: str, ranks: int, epochs: int, settings: dict | None = None) -> float:
+    return steady(*start(root, data, backend, ranks, epochs, f"{backend}-{ranks}-{len(settings or {})}", settings))
 
 
 def ceiling(root: Path, data: Path, backend: str, epochs: int) -> float:
@@ -82,10 +90,13 @@ def main(argv=None) -> int:
         for backend in backends:
             one = throughput(root, data, backend, 1, args.epochs)
             two = throughput(root, data, backend, 2, args.epochs)
+            untuned = throughput(root, data, backend, 2, args.epochs, UNTUNED[backend])
             apart = ceiling(root, data, backend, args.epochs)
             efficiency = two / (2 * one)
             worst = min(worst, efficiency)
             print(f"{backend:8s} 1 rank {one:9,.0f} samples/s | 2 ranks {two:9,.0f} samples/s | speedup {two / one:.2f}x | weak-scaling efficiency {efficiency:.2f} (target >= {TARGET})")
+            before = " ".join(f"{key}={value}" for key, value in UNTUNED[backend].items())
+            print(f"{'':8s} 2 ranks with {before}: {untuned:9,.0f} samples/s, efficiency {untuned / (2 * one):.2f} (before the CPU tuning)")
             print(f"{'':8s} 2 independent 1-rank runs together {apart:9,.0f} samples/s: ceiling {apart / (2 * one):.2f}; "
                   f"efficiency / ceiling {efficiency / (apart / (2 * one)):.2f} (what communication costs)")
     return 1 if args.check and worst < TARGET else 0

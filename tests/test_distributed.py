@@ -129,3 +129,28 @@ def test_mixed_precision_step_skips_on_every_rank_when_one_rank_overflows(backen
         assert rank["finite"] and not rank["changed"], f"rank {rank['rank']} stepped on overflowed gradients: {rank}"
         assert rank["scale"] == 512.0, "the scaler backs off on every rank"
 
+
+
+def test_torch_backend_sums_cpu_gradients_through_mpi_and_gloo_trains_the_same_model(data_copy, tmp_path):
+    """On CPU the torch backend hands DDP's gradient buckets to MPI (hpcdl.backends.mpi_allreduce_hook), not gloo:
+    the run says which one summed them, and both give the same training curve; a bad setting is refused by name."""
+    from mlflow.tracking import MlflowClient
+
+    common = dict(epochs=3, augment=[], warmup_epochs=0, backend="torch", schedule="constant", momentum=0.9, lr=0.005)
+    losses = {}
+    for transport in ("mpi", "gloo"):
+        out = tmp_path / transport
+        command = mpirun_command(2, sys.executable, "-m", "hpcdl.train", *train_args(tmp_path, data_copy, out, train_config(**common)))
+        result = subprocess.run(command, env=mpi_env(HPCDL_TORCH_CPU_ALLREDUCE=transport), cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[transport] = history(out)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id], order_by=["attributes.start_time ASC"])
+    assert [run.data.tags["gradient_allreduce"] for run in runs] == ["mpi", "gloo"]
+    np.testing.assert_allclose(losses["gloo"], losses["mpi"], rtol=1e-5)
+
+    command = mpirun_command(2, sys.executable, "-m", "hpcdl.train", *train_args(tmp_path, data_copy, tmp_path / "bad", train_config(**common)))
+    result = subprocess.run(command, env=mpi_env(HPCDL_TORCH_CPU_ALLREDUCE="tcp"), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "HPCDL_TORCH_CPU_ALLREDUCE='tcp': choose one of mpi, gloo" in result.stdout + result.stderr
+    assert not (tmp_path / "bad" / "model.pt").exists()

@@ -3,8 +3,14 @@
 Both start from MPI: ranks are launched by `mpirun` locally or `srun --mpi=pmix` on Slurm, so rank, size and
 local rank come from MPI itself (works under every launcher, no OMPI_*/SLURM_* guessing).
 - TorchBackend: torch.distributed (gloo on CPU, nccl on GPU) + DistributedDataParallel; rank 0's address and a
-  free port are broadcast over MPI for the rendezvous.
-- HorovodBackend: Horovod's own recipe (hvd.DistributedOptimizer, broadcast_parameters/optimizer_state).
+  free port are broadcast over MPI for the rendezvous. On CPU, DDP's gradient buckets are summed by MPI instead of
+  gloo (mpi_allreduce_hook, through DDP's own comm-hook API): gloo's TCP allreduce of LeNet-5's 62k gradients
+  takes ~600 us on one node where Open MPI's shared memory takes ~40 us, on a step of ~5 ms.
+- HorovodBackend: Horovod's own recipe (hvd.DistributedOptimizer, broadcast_parameters), with a shorter
+  background cycle on CPU (CPU_HOROVOD_CYCLE_TIME_MS).
+
+Measured in bench/p3_scaling.py, which runs both choices side by side (HPCDL_TORCH_CPU_ALLREDUCE=gloo, and
+HOROVOD_CYCLE_TIME=1, Horovod's default).
 """
 
 from __future__ import annotations
@@ -20,6 +26,11 @@ import torch
 from torch import nn
 
 BACKEND_NAMES = ("torch", "horovod")
+TORCH_CPU_ALLREDUCE_NAMES = ("mpi", "gloo")  # HPCDL_TORCH_CPU_ALLREDUCE: what sums DDP's gradients on CPU (default mpi)
+# Horovod's background thread looks for ready gradients every HOROVOD_CYCLE_TIME ms (0.28's default: 1): a ~5 ms CPU step
+# then waits up to 1 ms for its allreduce to start. 0.1 ms measured best on 2 cores (P3: 0.74 -> 0.85 weak
+# scaling); a user's HOROVOD_CYCLE_TIME wins. GPU jobs keep Horovod's default (their steps are not this short).
+CPU_HOROVOD_CYCLE_TIME_MS = "0.1"
 COMPRESSION_NAMES = ("none", "fp16")  # Horovod allreduce compression
 
 
@@ -49,6 +60,7 @@ class Backend:
     size = 1
     local_rank = 0  # rank among the ranks of this node: selects the GPU
     hosts: list[str] = []  # host name of every rank, in rank order (set by stage_runtime.start_backend)
+    gradient_allreduce = "none"  # what averages the gradients: the run's tag gradient_allreduce
 
     def device(self) -> torch.device:
         if torch.cuda.is_available():
@@ -111,12 +123,18 @@ class TorchBackend(Backend):
             world_size=self.size,
             timeout=timedelta(seconds=timeout_s),
         )
+        self.gradient_sum = MpiGradientSum(comm.Dup())  # collective: every rank, here, once
+        if self.size > 1:  # (parameters are float32, which mpi4py sums; fp16/bf16 are autocast, not stored)
+            self.gradient_allreduce = "nccl" if use_cuda else cpu_allreduce()
 
     def wrap(self, model, make_optimizer, grad_accum_steps):
         if self.size == 1:  # nothing to average: DDP's buckets and hooks would be pure overhead
             return model, make_optimizer(trainable_parameters(model))
-        device_ids = [self.local_rank] if next(model.parameters()).is_cuda else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids), make_optimizer(trainable_parameters(model))
+        on_gpu = next(model.parameters()).is_cuda
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[self.local_rank] if on_gpu else None)
+        if self.gradient_allreduce == "mpi":
+            wrapped.register_comm_hook(self.gradient_sum, mpi_allreduce_hook)
+        return wrapped, make_optimizer(trainable_parameters(model))
 
     def no_sync(self, model):
         return model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
@@ -136,6 +154,37 @@ class TorchBackend(Backend):
     def shutdown(self):
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def cpu_allreduce() -> str:
+    """What sums DDP's gradients on CPU: HPCDL_TORCH_CPU_ALLREDUCE (mpi, the default, or gloo: for comparison)."""
+    name = os.environ.get("HPCDL_TORCH_CPU_ALLREDUCE", "mpi")
+    if name not in TORCH_CPU_ALLREDUCE_NAMES:
+        raise ValueError(f"HPCDL_TORCH_CPU_ALLREDUCE={name!r}: choose one of {', '.join(TORCH_CPU_ALLREDUCE_NAMES)}")
+    return name
+
+
+class MpiGradientSum:
+    """State of mpi_allreduce_hook: a communicator of its own (a Dup of the job's), so the gradient sums can never
+    match another MPI call's messages."""
+
+    def __init__(self, comm):
+        self.comm = comm
+        self.size = comm.Get_size()
+
+
+def mpi_allreduce_hook(state: MpiGradientSum, bucket):  # unannotated: DDP rejects annotations that are strings
+    """A DDP comm hook (DistributedDataParallel.register_comm_hook) that averages a CPU gradient bucket with one
+    in-place MPI_Allreduce, the same sum-then-divide as DDP's default allreduce hook. DDP launches the buckets in
+    the same order on every rank, so the blocking collectives match; returns a completed Future[Tensor]."""
+    from mpi4py import MPI
+
+    buffer = bucket.buffer()
+    state.comm.Allreduce(MPI.IN_PLACE, buffer.numpy(), op=MPI.SUM)
+    buffer.div_(state.size)
+    future = torch.futures.Future()
+    future.set_result(buffer)
+    return future
 
 
 class KeepLayout:
@@ -166,10 +215,14 @@ class HorovodBackend(Backend):
     def __init__(self, compression: str = "none"):
         import horovod.torch as hvd
 
+        if not torch.cuda.is_available():
+            os.environ.setdefault("HOROVOD_CYCLE_TIME", CPU_HOROVOD_CYCLE_TIME_MS)  # read by hvd.init()
         self.hvd = hvd
         hvd.init()
         self.rank, self.size, self.local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
         self.compression = KeepLayout(hvd.Compression.fp16 if compression == "fp16" else hvd.Compression.none)
+        if self.size > 1:
+            self.gradient_allreduce = f"horovod, HOROVOD_CYCLE_TIME={os.environ.get('HOROVOD_CYCLE_TIME', '1')} ms"
 
     def wrap(self, model, make_optimizer, grad_accum_steps):
         # Horovod hooks the parameters' gradient accumulators and offers no way to unhook them, so a second

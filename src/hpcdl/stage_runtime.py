@@ -182,9 +182,10 @@ def log_memory(backend: Backend) -> None:
 
 
 def stage_tags(stage: str, backend: Backend, image_record=None, **extra) -> dict:
-    """Where and how the ranks ran: world size, backend, and the host of every rank (`hosts` in rank order, the
+    """Where and how the ranks ran: world size, backend, what averaged the gradients, and the host of every rank (`hosts` in rank order, the
     number of `nodes` and the most `ranks_per_node`), beside the Slurm job's own record (slurm.nodelist)."""
     hosts = list(dict.fromkeys(backend.hosts))
     per_node = max(backend.hosts.count(host) for host in hosts)
     return tracking.runtime_tags(stage, image_record=image_record, world_size=backend.size, backend=backend.name,
+                                 gradient_allreduce=backend.gradient_allreduce,
                                  hosts=",".join(hosts), nodes=len(hosts), ranks_per_node=per_node, **extra)
