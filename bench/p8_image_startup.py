@@ -6,6 +6,9 @@ parsing: everything a stage does before its work) on the host (this checkout's v
   cold  after dropping the kernel's page cache (root only: `echo 3 > /proc/sys/vm/drop_caches`), so both read
         their files from disk: the venv's from the file system, the image's from its squashfs (decompressed)
   warm  the median of --repeat runs right after.
+--as-user NAME (root only): run both as that user, the way users run them: an unprivileged apptainer mounts the
+image with squashfuse (FUSE), while root's apptainer mounts it with the kernel's squashfs. The page cache is still
+dropped as root. The user needs /dev/fuse, and read access to this checkout and the image.
 --check: exit 1 unless the image is within 2 s of the host, cold and warm, for every stage."""
 
 from __future__ import annotations
@@ -44,17 +47,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image", type=Path, default=REPO / "containers" / "hpcdl-cpu.sif")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--as-user", metavar="NAME", help="run the commands as this user (root only)")
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args(argv)
+    as_user = ["runuser", "-u", args.as_user, "--"] if args.as_user else []
+    if as_user and os.geteuid() != 0:
+        raise SystemExit("--as-user needs root (runuser)")
     apptainer = shutil.which("apptainer")
     if apptainer is None or not args.image.exists():
         raise SystemExit(f"needs apptainer on PATH and the image {args.image} (snakemake build_images)")
     env = dict(os.environ, MPLCONFIGDIR=os.environ.get("MPLCONFIGDIR", "/tmp"))
     commands = {
-        "host": lambda stage: [sys.executable, "-m", f"hpcdl.{stage}", "--help"],
-        "image": lambda stage: [apptainer, "exec", str(args.image), "python", "-m", f"hpcdl.{stage}", "--help"],
+        "host": lambda stage: [*as_user, sys.executable, "-m", f"hpcdl.{stage}", "--help"],
+        "image": lambda stage: [*as_user, apptainer, "exec", str(args.image), "python", "-m", f"hpcdl.{stage}", "--help"],
     }
-    print(f"`python -m hpcdl.<stage> --help`, host venv vs {args.image.name}; seconds (cold: page cache dropped first)")
+    who = f"as {args.as_user}" if args.as_user else f"as uid {os.geteuid()}"
+    print(f"`python -m hpcdl.<stage> --help`, host venv vs {args.image.name}, {who}; seconds (cold: page cache dropped first)")
     print(f"{'stage':12s}{'host cold':>11s}{'image cold':>12s}{'diff':>7s}{'host warm':>11s}{'image warm':>12s}{'diff':>7s}")
     worst = 0.0
     for stage in STAGES:

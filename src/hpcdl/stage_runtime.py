@@ -156,8 +156,11 @@ def load_model_file(path: Path):
 def log_model(model, *, registered_name: str, example: np.ndarray):
     """Log and register the model as MLflow's docs show. Pickle serialisation, not MLflow 3's default pt2: pt2
     traces the graph at the example's batch size, while users load this model to run and fine-tune it further.
-    Pip requirements are given, not inferred (inference imports the model in a subprocess: many seconds)."""
-    import torchvision
+    Pip requirements are given, not inferred (inference imports the model in a subprocess: many seconds), and
+    torchvision's version is read from its metadata: importing it (for __version__) costs 1.7 s, as it imports
+    torch._dynamo."""
+    from importlib.metadata import version
+
     from mlflow.models import infer_signature
 
     model = model.cpu().eval()
@@ -169,7 +172,7 @@ def log_model(model, *, registered_name: str, example: np.ndarray):
         registered_model_name=registered_name,
         signature=infer_signature(example, output),
         serialization_format="pickle",
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}"],
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={version('torchvision').split('+')[0]}"],
     )
 
 
@@ -182,8 +185,9 @@ def log_memory(backend: Backend) -> None:
 
 
 def stage_tags(stage: str, backend: Backend, image_record=None, **extra) -> dict:
-    """Where and how the ranks ran: world size, backend, what averaged the gradients, and the host of every rank (`hosts` in rank order, the
-    number of `nodes` and the most `ranks_per_node`), beside the Slurm job's own record (slurm.nodelist)."""
+    """Where and how the ranks ran: world size, backend, what averaged the gradients (gradient_allreduce), and the
+    host of every rank (`hosts` in rank order, the number of `nodes` and the most `ranks_per_node`), beside the
+    Slurm job's own record (slurm.nodelist)."""
     hosts = list(dict.fromkeys(backend.hosts))
     per_node = max(backend.hosts.count(host) for host in hosts)
     return tracking.runtime_tags(stage, image_record=image_record, world_size=backend.size, backend=backend.name,
