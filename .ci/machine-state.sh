@@ -4,7 +4,9 @@
 # /etc/slurm, /etc/hosts, and daemons that tests start. Installed Debian packages are not listed: the tests install
 # what they need when it is missing (idempotent), as a user's set-up would, and never remove it.
 set -uo pipefail
-echo "users: $(getent passwd | cut -d: -f1 | sort | tr '\n' ' ')"
+# Regular users only (uid 1000-59999, Debian policy 9.2.2: what adduser gives people): the tests' own user is one;
+# system users (below 1000, or 64000-64999 like `slurm`) come with the packages the tests install and stay with them.
+echo "users: $(getent passwd | awk -F: '$3 >= 1000 && $3 < 60000 {print $1}' | sort | tr '\n' ' ')"
 for path in / /root /work /var/tmp /dev/fuse /etc/subuid /etc/subgid; do
     [[ -e $path ]] && echo "mode $path: $(stat -c '%a %U:%G' "$path")" || echo "mode $path: absent"
 done
