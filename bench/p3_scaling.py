@@ -67,7 +67,7 @@ def steady(process: subprocess.Popen, out: Path) -> float:
 
 
 def throughput(root: Path, data: Path, backend: str, ranks: int, epochs: int, settings: dict | None = None) -> float:
-    return steady(*start(root, data, backend, ranks, epochs, f"{backend}-{ranks}-{len(settings or {})}", settings))
+    return steady(*start(root, data, backend, ranks, epochs, f"{backend}-{ranks}{'-untuned' if settings else ''}", settings))
 
 
 def ceiling(root: Path, data: Path, backend: str, epochs: int) -> float:

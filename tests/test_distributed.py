@@ -130,7 +130,6 @@ def test_mixed_precision_step_skips_on_every_rank_when_one_rank_overflows(backen
         assert rank["scale"] == 512.0, "the scaler backs off on every rank"
 
 
-
 def test_torch_backend_sums_cpu_gradients_through_mpi_and_gloo_trains_the_same_model(data_copy, tmp_path):
     """On CPU the torch backend hands DDP's gradient buckets to MPI (hpcdl.backends.mpi_allreduce_hook), not gloo:
     the run says which one summed them, and both give the same training curve; a bad setting is refused by name."""

@@ -27,9 +27,9 @@ from torch import nn
 
 BACKEND_NAMES = ("torch", "horovod")
 TORCH_CPU_ALLREDUCE_NAMES = ("mpi", "gloo")  # HPCDL_TORCH_CPU_ALLREDUCE: what sums DDP's gradients on CPU (default mpi)
-# Horovod's background thread looks for ready gradients every HOROVOD_CYCLE_TIME ms (0.28's default: 1): a ~5 ms CPU step
-# then waits up to 1 ms for its allreduce to start. 0.1 ms measured best on 2 cores (P3: 0.74 -> 0.85 weak
-# scaling); a user's HOROVOD_CYCLE_TIME wins. GPU jobs keep Horovod's default (their steps are not this short).
+# Horovod's background thread looks for ready gradients every HOROVOD_CYCLE_TIME ms (0.28's default: 1): a ~5 ms
+# CPU step then waits up to 1 ms for its allreduce to start. 0.1 ms measured best on 2 cores (P3, one run: 0.71 ->
+# 0.87 weak scaling); a user's HOROVOD_CYCLE_TIME wins. GPU jobs keep Horovod's default (their steps are not this short).
 CPU_HOROVOD_CYCLE_TIME_MS = "0.1"
 COMPRESSION_NAMES = ("none", "fp16")  # Horovod allreduce compression
 
@@ -123,9 +123,10 @@ class TorchBackend(Backend):
             world_size=self.size,
             timeout=timedelta(seconds=timeout_s),
         )
-        self.gradient_sum = MpiGradientSum(comm.Dup())  # collective: every rank, here, once
         if self.size > 1:  # (parameters are float32, which mpi4py sums; fp16/bf16 are autocast, not stored)
             self.gradient_allreduce = "nccl" if use_cuda else cpu_allreduce()
+        if self.gradient_allreduce == "mpi":  # the hook's own communicator, so its sums never match another call's
+            self.gradient_comm = comm.Dup()  # collective: every rank, here, once
 
     def wrap(self, model, make_optimizer, grad_accum_steps):
         if self.size == 1:  # nothing to average: DDP's buckets and hooks would be pure overhead
@@ -133,7 +134,7 @@ class TorchBackend(Backend):
         on_gpu = next(model.parameters()).is_cuda
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[self.local_rank] if on_gpu else None)
         if self.gradient_allreduce == "mpi":
-            wrapped.register_comm_hook(self.gradient_sum, mpi_allreduce_hook)
+            wrapped.register_comm_hook(self.gradient_comm, mpi_allreduce_hook)
         return wrapped, make_optimizer(trainable_parameters(model))
 
     def no_sync(self, model):
@@ -164,24 +165,16 @@ def cpu_allreduce() -> str:
     return name
 
 
-class MpiGradientSum:
-    """State of mpi_allreduce_hook: a communicator of its own (a Dup of the job's), so the gradient sums can never
-    match another MPI call's messages."""
-
-    def __init__(self, comm):
-        self.comm = comm
-        self.size = comm.Get_size()
-
-
-def mpi_allreduce_hook(state: MpiGradientSum, bucket):  # unannotated: DDP rejects annotations that are strings
+def mpi_allreduce_hook(comm, bucket):  # unannotated: DDP rejects annotations that are strings
     """A DDP comm hook (DistributedDataParallel.register_comm_hook) that averages a CPU gradient bucket with one
     in-place MPI_Allreduce, the same sum-then-divide as DDP's default allreduce hook. DDP launches the buckets in
-    the same order on every rank, so the blocking collectives match; returns a completed Future[Tensor]."""
+    the same order on every rank, so the blocking collectives on `comm` (the hook's state) match; returns a
+    completed Future[Tensor]."""
     from mpi4py import MPI
 
     buffer = bucket.buffer()
-    state.comm.Allreduce(MPI.IN_PLACE, buffer.numpy(), op=MPI.SUM)
-    buffer.div_(state.size)
+    comm.Allreduce(MPI.IN_PLACE, buffer.numpy(), op=MPI.SUM)
+    buffer.div_(comm.Get_size())
     future = torch.futures.Future()
     future.set_result(buffer)
     return future
