@@ -110,7 +110,8 @@ def test_the_keys_a_sweep_may_vary_are_the_schemas():
         ({"data": {"mirror": {"svhn": "https://x/"}}}, "data.mirror: 'svhn' is not allowed (allowed: mnist, fashion-mnist, cifar10)"),
         ({"finetune": {"init": "torchvision:resnet18"}}, "finetune.weights: null is not a mapping"),
         ({"finetune": {"weights": {"url": "https://x/y.pth", "sha256": "abc"}, "init": "torchvision:resnet18"}}, "finetune.weights.sha256: 'abc' does not match"),
-        ({"experimnet": "typo"}, "experimnet: unknown key (allowed: autoencode, container, data, experiment,"),
+        ({"container_sandbox": "/scratch/my images/hpcdl"}, "container_sandbox: '/scratch/my images/hpcdl' does not match"),
+        ({"experimnet": "typo"}, "experimnet: unknown key (allowed: autoencode, container, container_sandbox, data, experiment,"),
     ],
 )
 def test_bad_config_is_rejected_before_any_job_in_one_line(tmp_path, override, expected):

@@ -27,7 +27,7 @@ import yaml
 
 import hpcdl
 from conftest import REPO, assert_results_meet_the_targets
-from container_fixtures import StageImage, image_label
+from container_fixtures import StageImage, file_sha256, image_label
 from slurm_fixtures import chown_tree, mlflow_runs, profile_variant, run_snakemake
 
 CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -50,6 +50,48 @@ def test_record_image_refuses_an_image_that_changed_after_its_build(tmp_path):
     assert run.returncode != 0
     assert str(image) in run.stderr and "0" * 64 in run.stderr and "changed after its build" in run.stderr, run.stderr
     assert not out.exists(), "no record of an image nobody can name"
+
+
+def fake_image(folder: Path, content: bytes = b"an image") -> tuple[Path, Path, str]:
+    """An image file and its .sha256 line, as containers/build-image.sh writes them (not a real image)."""
+    import hashlib
+
+    image = folder / "hpcdl-cpu.sif"
+    image.write_bytes(content)
+    digest = hashlib.sha256(content).hexdigest()
+    digest_file = folder / "hpcdl-cpu.sif.sha256"
+    digest_file.write_text(f"{digest}  hpcdl-cpu.sif\n")
+    return image, digest_file, digest
+
+
+def record_image(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hpcdl.record_image", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_record_image_refuses_a_sandbox_not_unpacked_from_the_image(tmp_path):
+    """With container_sandbox the stages run from the folder: its record must name the image it came from, and that
+    must be the image the .sha256 names now."""
+    image, digest_file, digest = fake_image(tmp_path)
+    sandbox = tmp_path / "sandbox"
+    (sandbox / ".singularity.d").mkdir(parents=True)
+    out = tmp_path / "results" / "container.json"
+    common = ["--image", str(image), "--digest", str(digest_file), "--sandbox", str(sandbox), "--out", str(out)]
+    not_unpacked = record_image(*common)
+    assert not_unpacked.returncode != 0 and str(sandbox) in not_unpacked.stderr and "sandbox.sha256" in not_unpacked.stderr, not_unpacked.stderr
+    (tmp_path / "sandbox.sha256").write_text(f"{'1' * 64}  hpcdl-cpu.sif\n")  # unpacked from an earlier build
+    stale = record_image(*common)
+    assert stale.returncode != 0 and "1" * 64 in stale.stderr and digest in stale.stderr and "unpack the image again" in stale.stderr, stale.stderr
+    assert not out.exists()
+
+
+def test_unpack_image_refuses_an_image_that_changed_after_its_build(tmp_path):
+    image, digest_file, digest = fake_image(tmp_path)
+    image.write_bytes(b"another image")
+    sandbox = tmp_path / "sandbox"
+    run = subprocess.run([sys.executable, "-m", "hpcdl.unpack_image", "--image", str(image), "--digest", str(digest_file), "--sandbox", str(sandbox)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and digest in run.stderr and "changed after its build" in run.stderr, run.stderr
+    assert not sandbox.exists() and not (tmp_path / "sandbox.sha256").exists()
 
 
 def test_a_stage_outside_its_recorded_image_refuses_to_log(tmp_path, monkeypatch):
@@ -258,3 +300,48 @@ def test_stages_in_the_image_log_to_the_tracking_server(stage_image: StageImage,
     assert {"fetch-pretrain", "preprocess-pretrain", "train"} <= set(stages), sorted(stages)
     for stage in stages.values():
         assert stage.info.status == "FINISHED" and stage.data.tags["hpcdl.image.sha256"] == stage_image.sha256, stage.info.run_name
+
+
+@pytest.mark.slow
+def test_stages_run_from_the_image_unpacked_into_a_sandbox(stage_image: StageImage, slurm_user, slurm_workdir):
+    """container_sandbox: the image is unpacked once (unpack_image), the stages run from the folder (plain rules
+    through Snakemake's `container:`, the ranks through rank-in-image.sh), their runs name the folder and the digest
+    of the image it came from; the next invocation has nothing to do. An unpack that fails leaves no folder."""
+    workdir = slurm_workdir("apptainer-sandbox")
+    sandbox = workdir / "images" / "hpcdl-cpu"
+    (workdir / "short.yaml").write_text("train:\n  epochs: 1\n")
+    (workdir / "images").mkdir()
+    chown_tree(workdir, slurm_user)
+
+    def args(image: Path, folder: Path, *extra: str) -> list[str]:
+        return ["--profile", "profiles/apptainer", "--configfile", "config/config.yaml", "short.yaml",
+                "--config", f"container={image}", f"container_sandbox={folder}", *extra, "--", "results/train/model.pt"]
+
+    try:
+        run = run_snakemake(slurm_user, workdir, *args(stage_image.path, sandbox), timeout=1200)
+        log = run.stdout + run.stderr
+        assert run.returncode == 0, log[-8000:]
+        assert re.search(rf"rank-in-image\.sh {re.escape(str(sandbox))} --home ", log), "the ranks run from the folder"
+        assert (sandbox / ".singularity.d").is_dir()
+        assert (workdir / "images" / "hpcdl-cpu.sha256").read_text().split() == [stage_image.sha256, stage_image.path.name]
+        runs = [r for r in mlflow_runs(slurm_user, workdir / "results") if "mlflow.parentRunId" in r["tags"]]
+        assert sorted(r["name"] for r in runs) == ["fetch-pretrain", "preprocess-pretrain", "train"]
+        for stage in runs:
+            tags = stage["tags"]
+            assert tags["hpcdl.image.path"] == str(sandbox), (stage["name"], tags)
+            assert tags["hpcdl.image.unpacked_from"] == str(stage_image.path.resolve()) and tags["hpcdl.image.sha256"] == stage_image.sha256, tags
+            assert tags["hpcdl.image.git_commit"] == stage_image.git_commit, "read from inside the unpacked image"
+        dry = run_snakemake(slurm_user, workdir, *args(stage_image.path, sandbox, "--dry-run"), timeout=300)
+        assert dry.returncode == 0 and "Nothing to be done" in dry.stdout + dry.stderr, "unpacked once: " + dry.stdout[-3000:]
+        # a corrupt image with a matching digest: apptainer cannot unpack it, and no folder is left to run from
+        broken = workdir / "images" / "broken.sif"
+        broken.write_bytes(b"not a SIF image\n" * 1000)
+        (workdir / "images" / "broken.sif.sha256").write_text(f"{file_sha256(broken)}  broken.sif\n")
+        chown_tree(workdir / "images", slurm_user)
+        failed = run_snakemake(slurm_user, workdir, *args(broken, workdir / "images" / "broken"), timeout=300)
+        assert failed.returncode != 0
+        assert "build --sandbox" in (workdir / "results" / "logs" / "unpack_image.log").read_text()
+        assert sorted(p.name for p in (workdir / "images").iterdir()) == ["broken.sif", "broken.sif.sha256", "hpcdl-cpu", "hpcdl-cpu.sha256"]
+    finally:
+        slurm_user.run(["rm", "-rf", str(sandbox)], timeout=300)  # 6.7 GB
+

@@ -1,6 +1,7 @@
 """Rule `record_image` (on the submitting host, when the stages run in Apptainer): check the image against the
 sha256 its build wrote beside it and record image path, digest and apptainer version in one small JSON under the
-results folder. Every stage reads it (inside the container, where neither the image's folder nor apptainer are
+results folder (with `container_sandbox`: the folder the stages run from, the SIF it was unpacked from, and that
+SIF's digest). Every stage reads it (inside the container, where neither the image's folder nor apptainer are
 visible) and tags its MLflow run with it, after checking that it really runs inside that image
 (hpcdl.tracking.container_tags)."""
 
@@ -33,8 +34,10 @@ def apptainer_version(binary: str) -> str:
     return out[-1]
 
 
-def record(image: Path, digest_file: Path, binary: str) -> dict:
+def record(image: Path, digest_file: Path, binary: str, sandbox: Path | None = None) -> dict:
     expected = read_digest_file(digest_file, image)
+    if sandbox is not None:
+        return record_sandbox(image, expected, binary, sandbox)
     actual = file_sha256(image)
     if actual != expected:
         raise SystemExit(
@@ -44,14 +47,32 @@ def record(image: Path, digest_file: Path, binary: str) -> dict:
     return {"image": str(image.resolve()), "sha256": actual, "apptainer": apptainer_version(binary)}
 
 
+def record_sandbox(image: Path, expected: str, binary: str, sandbox: Path) -> dict:
+    """The stages run from `sandbox`: it must be the one unpack_image made from the image the .sha256 names (it
+    checked the image's digest when it unpacked it, so the 3 GB are not hashed a second time here)."""
+    from hpcdl.unpack_image import sandbox_digest_file
+
+    sandbox_digest = sandbox_digest_file(sandbox)
+    if not (sandbox / ".singularity.d").is_dir() or not sandbox_digest.is_file():
+        raise SystemExit(f"record_image: {sandbox} is not an image unpacked by unpack_image (no .singularity.d in it or no {sandbox_digest.name} beside it)")
+    unpacked_from = read_digest_file(sandbox_digest, image)
+    if unpacked_from != expected:
+        raise SystemExit(
+            f"record_image: {sandbox} was unpacked from an image with sha256 {unpacked_from} ({sandbox_digest}), "
+            f"but {image} is {expected}. Remove the folder and its .sha256 to unpack the image again."
+        )
+    return {"image": str(sandbox.resolve()), "sha256": expected, "unpacked_from": str(image.resolve()), "apptainer": apptainer_version(binary)}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image", type=Path, required=True)
     parser.add_argument("--digest", type=Path, required=True, help="the image's .sha256 file")
     parser.add_argument("--apptainer", default="apptainer", help="apptainer binary Snakemake runs")
+    parser.add_argument("--sandbox", type=Path, help="the folder unpack_image unpacked the image into, which the stages run from")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    info = record(args.image, args.digest, args.apptainer)
+    info = record(args.image, args.digest, args.apptainer, args.sandbox)
     atomic_write_json(args.out, info)
     print(f"record_image: {info['image']} sha256 {info['sha256']} (apptainer {info['apptainer']})", file=sys.stderr)
 

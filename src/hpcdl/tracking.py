@@ -93,6 +93,7 @@ def container_tags(image_record) -> dict:
         "hpcdl.image.version": build.get("version", "unknown"),
         "hpcdl.image.git_commit": build.get("git_commit", "unknown"),
         "apptainer.version": record["apptainer"],
+        **({"hpcdl.image.unpacked_from": record["unpacked_from"]} if "unpacked_from" in record else {}),
     }
 
 

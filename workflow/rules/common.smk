@@ -30,6 +30,10 @@ TRAIN_COMPUTE_KEYS = ("backend", "compression", "precision", "memory_format", "g
 # The onstart/onsuccess hooks and record_image always run on the host, with the interpreter running Snakemake.
 HOST_PYTHON = sys.executable
 IMAGE = config["container"]
+# What the stages run: the image file, or with `container_sandbox` the folder rule unpack_image unpacks it into
+# (an ordinary file system instead of a squashfuse mount per stage: faster start-up, README P8).
+SANDBOX = (config["container_sandbox"] or "").rstrip("/") or None
+STAGE_IMAGE = SANDBOX or IMAGE
 IN_APPTAINER = DeploymentMethod.APPTAINER in workflow.deployment_settings.deployment_method
 # What record_image writes and every stage tags its MLflow run with (image path, sha256, apptainer version).
 IMAGE_RECORD = f"{RESULTS}/container.json"
@@ -45,8 +49,8 @@ if IN_APPTAINER and (config["tracking_uri"] or "").startswith(("http://", "https
             f" --env HPCDL_MLFLOW_CREDENTIALS={IMAGE_CREDENTIALS}/credentials"
         )
 if IN_APPTAINER:
-    # Plain rules (fetch, preprocess, evaluate) carry `container: IMAGE`: Snakemake wraps their shell in
-    # `apptainer exec --home <workdir> <apptainer-args> IMAGE`, where `python` is the image's venv.
+    # Plain rules (fetch, preprocess, evaluate) carry `container: STAGE_IMAGE`: Snakemake wraps their shell in
+    # `apptainer exec --home <workdir> <apptainer-args> STAGE_IMAGE`, where `python` is the image's venv.
     STAGE_PYTHON = "python"
     # The MPI rules (train, finetune) carry no container directive: Snakemake would wrap their whole shell,
     # mpirun/srun included, in the image. They start host MPI, and each rank enters the image itself (the
@@ -54,7 +58,7 @@ if IN_APPTAINER:
     # the plain rules; the script, run on each rank's node, adds that node's $TMPDIR, where the node's ranks
     # share Open MPI's session directory and shared-memory files.
     MPI_STAGE_PYTHON = (
-        f"{shlex.quote(os.path.join(workflow.basedir, 'workflow/scripts/rank-in-image.sh'))} {shlex.quote(IMAGE)}"
+        f"{shlex.quote(os.path.join(workflow.basedir, 'workflow/scripts/rank-in-image.sh'))} {shlex.quote(STAGE_IMAGE)}"
         f" --home {shlex.quote(os.getcwd())} {workflow.deployment_settings.apptainer_args} -- python"
     )
 else:

@@ -12,6 +12,7 @@ localrules:
     build_images,
     build_base_image,
     build_image,
+    unpack_image,
     record_image,
 
 
@@ -74,16 +75,44 @@ rule build_image:
         )
 
 
+if SANDBOX:
+
+    rule unpack_image:
+        """With `container_sandbox`: the checked image unpacked into that folder (apptainer build --sandbox), which
+        the stages run from; again whenever the image changes."""
+        input:
+            image=IMAGE,
+            digest=f"{IMAGE}.sha256",
+        output:
+            sandbox=directory(SANDBOX),
+            digest=f"{SANDBOX}.sha256",
+        log:
+            f"{RESULTS}/logs/unpack_image.log",
+        params:
+            python=HOST_PYTHON,
+        run:
+            shell(
+                "{params.python} -m hpcdl.unpack_image --image {input.image} --digest {input.digest}"
+                " --sandbox {output.sandbox} 2> {log}"
+            )
+
+
 rule record_image:
-    """Check the image against its .sha256 and record path, digest and apptainer version for the stages' runs."""
+    """Check the image against its .sha256 and record path, digest and apptainer version for the stages' runs (with
+    `container_sandbox`: the folder they run from, checked to be unpacked from that image)."""
     input:
         image=IMAGE,
         digest=f"{IMAGE}.sha256",
+        **({"sandbox": SANDBOX, "sandbox_digest": f"{SANDBOX}.sha256"} if SANDBOX else {}),
     output:
         IMAGE_RECORD,
     log:
         f"{RESULTS}/logs/record_image.log",
     params:
         python=HOST_PYTHON,
+        sandbox=f"--sandbox {shlex.quote(SANDBOX)}" if SANDBOX else "",
     run:
-        shell("{params.python} -m hpcdl.record_image --image {input.image} --digest {input.digest} --out {output} 2> {log}")
+        shell(
+            "{params.python} -m hpcdl.record_image --image {input.image} --digest {input.digest} {params.sandbox}"
+            " --out {output} 2> {log}"
+        )

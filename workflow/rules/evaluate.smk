@@ -20,7 +20,7 @@ rule evaluate:
             labels={"figure": "misclassified test images"},
         ),
     container:
-        IMAGE
+        STAGE_IMAGE
     log:
         f"{RESULTS}/logs/evaluate.log",
     params:

@@ -10,7 +10,7 @@ rule fetch:
     output:
         f"{RESULTS}/raw/{{role}}/fetch.json",
     container:
-        IMAGE
+        STAGE_IMAGE
     log:
         f"{RESULTS}/logs/fetch_{{role}}.log",
     params:
@@ -34,7 +34,7 @@ rule fetch_weights:
     output:
         f"{RESULTS}/raw/weights/{{arch}}.pth",
     container:
-        IMAGE
+        STAGE_IMAGE
     log:
         f"{RESULTS}/logs/fetch_weights_{{arch}}.log",
     params:

@@ -20,7 +20,7 @@ rule export_onnx:
     wildcard_constraints:
         model="|".join(ONNX_MODELS),
     container:
-        IMAGE
+        STAGE_IMAGE
     log:
         f"{RESULTS}/logs/export_onnx-{{model}}.log",
     params:

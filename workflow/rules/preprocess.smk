@@ -7,7 +7,7 @@ rule preprocess:
         **split_files("{role}"),
         manifest=f"{RESULTS}/data/{{role}}/manifest.json",
     container:
-        IMAGE
+        STAGE_IMAGE
     log:
         f"{RESULTS}/logs/preprocess_{{role}}.log",
     params:

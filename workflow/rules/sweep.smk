@@ -61,7 +61,7 @@ rule sweep_summary:
             f"{SWEEP_DIR}/final_accuracy.png", caption="../report/sweep_final_accuracy.rst", category="Sweep"
         ),
     container:
-        IMAGE
+        STAGE_IMAGE
     log:
         f"{RESULTS}/logs/sweep_summary.log",
     params:

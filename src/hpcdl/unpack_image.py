@@ -1,0 +1,69 @@
+"""Rule `unpack_image` (on the submitting host, with `container_sandbox` set): unpack the stage image into a sandbox
+folder (`apptainer build --sandbox`) that the stages then run from.
+
+Why: an unprivileged Apptainer reads a SIF image through squashfuse, a FUSE mount made anew by every `apptainer
+exec`, so each stage reads torch's 3 GB of libraries through it again: `import torch` takes 3.8-4.2 s in the SIF vs
+1.3-1.7 s on the host. From an ordinary folder the page cache serves them as it does on the host (README, P8).
+
+The SIF is checked against its .sha256 first, and the folder appears under its final name only once complete,
+with `<folder>.sha256` beside it naming the SIF it came from (the line of the SIF's own .sha256): record_image
+compares the two, so a run is always tagged with the digest of the image its sandbox was unpacked from."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from hpcdl.atomic import atomic_write_text
+from hpcdl.record_image import file_sha256, read_digest_file
+
+
+def sandbox_digest_file(sandbox: Path) -> Path:
+    """Where the digest of the SIF a sandbox came from is kept: beside the folder, never inside the image."""
+    return sandbox.with_name(sandbox.name + ".sha256")
+
+
+def unpack(image: Path, digest_file: Path, sandbox: Path, binary: str) -> str:
+    """Unpack `image` into `sandbox` (which must not exist) and return the image's sha256."""
+    expected = read_digest_file(digest_file, image)
+    actual = file_sha256(image)
+    if actual != expected:
+        raise SystemExit(
+            f"unpack_image: {image} has sha256 {actual}, but {digest_file} says {expected}: the image changed after "
+            "its build. Rebuild it (snakemake build_images)."
+        )
+    if sandbox.is_dir() and not any(sandbox.iterdir()):
+        sandbox.rmdir()  # an empty folder made for it (by Snakemake, or by hand) is a free place
+    if sandbox.exists():
+        raise SystemExit(f"unpack_image: {sandbox} already exists; remove it, or name an empty place in `container_sandbox`")
+    sandbox.parent.mkdir(parents=True, exist_ok=True)
+    partial = sandbox.with_name(f".{sandbox.name}.partial-{os.getpid()}")
+    try:
+        build = subprocess.run([binary, "build", "--sandbox", str(partial), str(image)], capture_output=True, text=True)
+        if build.returncode != 0:
+            raise SystemExit(f"unpack_image: `{binary} build --sandbox` of {image} into {sandbox.parent} failed:\n{build.stderr[-2000:]}")
+        os.rename(partial, sandbox)
+    finally:
+        # a failed or interrupted unpack leaves no folder a later run could take for a whole image
+        shutil.rmtree(partial, ignore_errors=True)
+    atomic_write_text(sandbox_digest_file(sandbox), f"{actual}  {image.name}\n")
+    return actual
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--image", type=Path, required=True)
+    parser.add_argument("--digest", type=Path, required=True, help="the image's .sha256 file")
+    parser.add_argument("--sandbox", type=Path, required=True, help="the folder to create")
+    parser.add_argument("--apptainer", default="apptainer", help="apptainer binary Snakemake runs")
+    args = parser.parse_args(argv)
+    digest = unpack(args.image, args.digest, args.sandbox, args.apptainer)
+    print(f"unpack_image: {args.image} (sha256 {digest}) unpacked into {args.sandbox}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
