@@ -31,7 +31,21 @@ TORCH_CPU_ALLREDUCE_NAMES = ("mpi", "gloo")  # HPCDL_TORCH_CPU_ALLREDUCE: what s
 # CPU step then waits up to 1 ms for its allreduce to start. 0.1 ms measured best on 2 cores (P3, one run: 0.71 ->
 # 0.87 weak scaling); a user's HOROVOD_CYCLE_TIME wins. GPU jobs keep Horovod's default (their steps are not this short).
 CPU_HOROVOD_CYCLE_TIME_MS = "0.1"
+# On CPU, MPI calls that wait give their core away (Open MPI's mpi_yield_when_idle, which mpirun's line in
+# hpcdl.launch also sets): a rank's compute thread shares its cores with Horovod's background thread and, on a busy
+# node, with other ranks. srun starts the ranks without mpirun, so the setting comes from the environment, read at
+# MPI's initialisation. Measured in bench/p5_nodes.py on the test cluster (srun, 2 ranks on 2 cores): Horovod
+# 9.5k -> 18.3-20.2k samples/s on one node and 8.7k -> 19.3-19.6k on two; torch 18.3-21.7k either way (noise).
+# A user's value wins.
+CPU_MPI_ENVIRONMENT = {"OMPI_MCA_mpi_yield_when_idle": "1"}
 COMPRESSION_NAMES = ("none", "fp16")  # Horovod allreduce compression
+
+
+def set_cpu_mpi_defaults() -> None:
+    """CPU_MPI_ENVIRONMENT where the user set nothing; before MPI is initialised (by mpi4py or hvd.init())."""
+    if not torch.cuda.is_available():
+        for name, value in CPU_MPI_ENVIRONMENT.items():
+            os.environ.setdefault(name, value)
 
 
 def mpi_comm():
@@ -110,6 +124,7 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, timeout_s: float = 300.0):
+        set_cpu_mpi_defaults()
         comm = mpi_comm()
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
@@ -208,6 +223,7 @@ class HorovodBackend(Backend):
     def __init__(self, compression: str = "none"):
         import horovod.torch as hvd
 
+        set_cpu_mpi_defaults()
         if not torch.cuda.is_available():
             os.environ.setdefault("HOROVOD_CYCLE_TIME", CPU_HOROVOD_CYCLE_TIME_MS)  # read by hvd.init()
         self.hvd = hvd
