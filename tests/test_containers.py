@@ -15,6 +15,7 @@ Root on Debian (skipped elsewhere, failed under CI=true).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -92,6 +93,20 @@ def test_unpack_image_refuses_an_image_that_changed_after_its_build(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert run.returncode != 0 and digest in run.stderr and "changed after its build" in run.stderr, run.stderr
     assert not sandbox.exists() and not (tmp_path / "sandbox.sha256").exists()
+
+
+def test_unpack_image_leaves_a_folder_it_did_not_unpack_alone(tmp_path):
+    """container_sandbox naming a folder of the user's by mistake: refused by name, and nothing in it is touched
+    (the rule's only output is the digest file beside it, so Snakemake does not delete the folder either)."""
+    image, digest_file, _ = fake_image(tmp_path)
+    folder = tmp_path / "my-results"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("three years of work")
+    run = subprocess.run([sys.executable, "-m", "hpcdl.unpack_image", "--image", str(image), "--digest", str(digest_file), "--sandbox", str(folder)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and f"container_sandbox={folder} exists and is not an hpcdl image" in run.stderr, run.stderr
+    assert [p.name for p in folder.iterdir()] == ["thesis.tex"] and (folder / "thesis.tex").read_text() == "three years of work"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hpcdl-cpu.sif", "hpcdl-cpu.sif.sha256", "my-results"]
 
 
 def test_a_stage_outside_its_recorded_image_refuses_to_log(tmp_path, monkeypatch):
@@ -306,42 +321,66 @@ def test_stages_in_the_image_log_to_the_tracking_server(stage_image: StageImage,
 def test_stages_run_from_the_image_unpacked_into_a_sandbox(stage_image: StageImage, slurm_user, slurm_workdir):
     """container_sandbox: the image is unpacked once (unpack_image), the stages run from the folder (plain rules
     through Snakemake's `container:`, the ranks through rank-in-image.sh), their runs name the folder and the digest
-    of the image it came from; the next invocation has nothing to do. An unpack that fails leaves no folder."""
+    of the image it came from; the next invocation has nothing to do; a changed image replaces the folder. An
+    unpack that fails leaves no folder, and a folder of the user's is never replaced."""
     workdir = slurm_workdir("apptainer-sandbox")
-    sandbox = workdir / "images" / "hpcdl-cpu"
+    images = workdir / "images"
+    images.mkdir()
+    image = images / stage_image.path.name  # a copy of its own, whose time stamp this test may change
+    shutil.copy2(stage_image.path, image)
+    shutil.copy2(stage_image.path.with_name(stage_image.path.name + ".sha256"), images)
+    sandbox = images / "hpcdl-cpu"
     (workdir / "short.yaml").write_text("train:\n  epochs: 1\n")
-    (workdir / "images").mkdir()
     chown_tree(workdir, slurm_user)
 
-    def args(image: Path, folder: Path, *extra: str) -> list[str]:
+    def args(image: Path, folder: Path, *extra: str, target: str = "results/train/model.pt") -> list[str]:
         return ["--profile", "profiles/apptainer", "--configfile", "config/config.yaml", "short.yaml",
-                "--config", f"container={image}", f"container_sandbox={folder}", *extra, "--", "results/train/model.pt"]
+                "--config", f"container={image}", f"container_sandbox={folder}", *extra, "--", target]
 
     try:
-        run = run_snakemake(slurm_user, workdir, *args(stage_image.path, sandbox), timeout=1200)
+        run = run_snakemake(slurm_user, workdir, *args(image, sandbox), timeout=1200)
         log = run.stdout + run.stderr
         assert run.returncode == 0, log[-8000:]
         assert re.search(rf"rank-in-image\.sh {re.escape(str(sandbox))} --home ", log), "the ranks run from the folder"
         assert (sandbox / ".singularity.d").is_dir()
-        assert (workdir / "images" / "hpcdl-cpu.sha256").read_text().split() == [stage_image.sha256, stage_image.path.name]
+        assert (images / "hpcdl-cpu.sha256").read_text().split() == [stage_image.sha256, image.name]
         runs = [r for r in mlflow_runs(slurm_user, workdir / "results") if "mlflow.parentRunId" in r["tags"]]
         assert sorted(r["name"] for r in runs) == ["fetch-pretrain", "preprocess-pretrain", "train"]
         for stage in runs:
             tags = stage["tags"]
             assert tags["hpcdl.image.path"] == str(sandbox), (stage["name"], tags)
-            assert tags["hpcdl.image.unpacked_from"] == str(stage_image.path.resolve()) and tags["hpcdl.image.sha256"] == stage_image.sha256, tags
+            assert tags["hpcdl.image.unpacked_from"] == str(image.resolve()) and tags["hpcdl.image.sha256"] == stage_image.sha256, tags
             assert tags["hpcdl.image.git_commit"] == stage_image.git_commit, "read from inside the unpacked image"
-        dry = run_snakemake(slurm_user, workdir, *args(stage_image.path, sandbox, "--dry-run"), timeout=300)
+        dry = run_snakemake(slurm_user, workdir, *args(image, sandbox, "--dry-run"), timeout=300)
         assert dry.returncode == 0 and "Nothing to be done" in dry.stdout + dry.stderr, "unpacked once: " + dry.stdout[-3000:]
+
+        # a rebuilt image (here: a newer time stamp) is unpacked again, replacing the folder once the new one is whole
+        (sandbox / "left-by-the-first-unpack").write_text("")
+        os.utime(image)
+        again = run_snakemake(slurm_user, workdir, *args(image, sandbox, target="results/container.json"), timeout=600)
+        assert again.returncode == 0, (again.stdout + again.stderr)[-6000:]
+        assert (sandbox / ".singularity.d").is_dir() and not (sandbox / "left-by-the-first-unpack").exists()
+        assert sorted(p.name for p in images.iterdir()) == ["hpcdl-cpu", "hpcdl-cpu.sha256", image.name, image.name + ".sha256"]
+
+        # a folder of the user's named by mistake: refused, nothing in it touched
+        mine = workdir / "my-results"
+        mine.mkdir()
+        (mine / "thesis.tex").write_text("three years of work")
+        chown_tree(mine, slurm_user)
+        refused = run_snakemake(slurm_user, workdir, *args(image, mine, target="results/container.json"), timeout=300)
+        assert refused.returncode != 0
+        assert "exists and is not an hpcdl image" in (workdir / "results" / "logs" / "unpack_image.log").read_text()
+        assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+
         # a corrupt image with a matching digest: apptainer cannot unpack it, and no folder is left to run from
-        broken = workdir / "images" / "broken.sif"
+        broken = images / "broken.sif"
         broken.write_bytes(b"not a SIF image\n" * 1000)
-        (workdir / "images" / "broken.sif.sha256").write_text(f"{file_sha256(broken)}  broken.sif\n")
-        chown_tree(workdir / "images", slurm_user)
-        failed = run_snakemake(slurm_user, workdir, *args(broken, workdir / "images" / "broken"), timeout=300)
+        (images / "broken.sif.sha256").write_text(f"{file_sha256(broken)}  broken.sif\n")
+        chown_tree(images, slurm_user)
+        failed = run_snakemake(slurm_user, workdir, *args(broken, images / "broken"), timeout=300)
         assert failed.returncode != 0
         assert "build --sandbox" in (workdir / "results" / "logs" / "unpack_image.log").read_text()
-        assert sorted(p.name for p in (workdir / "images").iterdir()) == ["broken.sif", "broken.sif.sha256", "hpcdl-cpu", "hpcdl-cpu.sha256"]
+        assert sorted(p.name for p in images.iterdir()) == ["broken.sif", "broken.sif.sha256", "hpcdl-cpu", "hpcdl-cpu.sha256", image.name, image.name + ".sha256"]
     finally:
         slurm_user.run(["rm", "-rf", str(sandbox)], timeout=300)  # 6.7 GB
-
+        image.unlink(missing_ok=True)  # 3.3 GB

@@ -7,11 +7,14 @@ exec`, so each stage reads torch's 3 GB of libraries through it again: `import t
 
 The SIF is checked against its .sha256 first, and the folder appears under its final name only once complete,
 with `<folder>.sha256` beside it naming the SIF it came from (the line of the SIF's own .sha256): record_image
-compares the two, so a run is always tagged with the digest of the image its sandbox was unpacked from."""
+compares the two, so a run is always tagged with the digest of the image its sandbox was unpacked from. The rule
+declares only that file as its output, not the folder: Snakemake deletes a directory output before its job runs,
+and `container_sandbox` naming a folder of the user's by mistake must not cost them that folder."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -27,8 +30,19 @@ def sandbox_digest_file(sandbox: Path) -> Path:
     return sandbox.with_name(sandbox.name + ".sha256")
 
 
+def is_unpacked_hpcdl_image(folder: Path) -> bool:
+    """A folder an earlier unpack made (an Apptainer sandbox whose labels name an hpcdl flavour): the only kind of
+    existing folder unpack replaces. Anything else at that path is the user's and is left alone."""
+    labels = folder / ".singularity.d" / "labels.json"
+    try:
+        return "hpcdl.flavour" in json.loads(labels.read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def unpack(image: Path, digest_file: Path, sandbox: Path, binary: str) -> str:
-    """Unpack `image` into `sandbox` (which must not exist) and return the image's sha256."""
+    """Unpack `image` into `sandbox` (absent, empty, or an earlier unpack, which is replaced once the new one is
+    complete) and return the image's sha256."""
     expected = read_digest_file(digest_file, image)
     actual = file_sha256(image)
     if actual != expected:
@@ -37,19 +51,27 @@ def unpack(image: Path, digest_file: Path, sandbox: Path, binary: str) -> str:
             "its build. Rebuild it (snakemake build_images)."
         )
     if sandbox.is_dir() and not any(sandbox.iterdir()):
-        sandbox.rmdir()  # an empty folder made for it (by Snakemake, or by hand) is a free place
-    if sandbox.exists():
-        raise SystemExit(f"unpack_image: {sandbox} already exists; remove it, or name an empty place in `container_sandbox`")
+        sandbox.rmdir()  # an empty folder made for it is a free place
+    replaced = sandbox.exists()
+    if replaced and not is_unpacked_hpcdl_image(sandbox):
+        raise SystemExit(
+            f"unpack_image: container_sandbox={sandbox} exists and is not an hpcdl image unpacked earlier (no "
+            ".singularity.d/labels.json naming hpcdl.flavour); it is left as it is. Name a new or empty folder."
+        )
     sandbox.parent.mkdir(parents=True, exist_ok=True)
     partial = sandbox.with_name(f".{sandbox.name}.partial-{os.getpid()}")
+    previous = sandbox.with_name(f".{sandbox.name}.previous-{os.getpid()}")
     try:
         build = subprocess.run([binary, "build", "--sandbox", str(partial), str(image)], capture_output=True, text=True)
         if build.returncode != 0:
             raise SystemExit(f"unpack_image: `{binary} build --sandbox` of {image} into {sandbox.parent} failed:\n{build.stderr[-2000:]}")
+        if replaced:
+            os.rename(sandbox, previous)
         os.rename(partial, sandbox)
     finally:
         # a failed or interrupted unpack leaves no folder a later run could take for a whole image
         shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(previous, ignore_errors=True)
     atomic_write_text(sandbox_digest_file(sandbox), f"{actual}  {image.name}\n")
     return actual
 

@@ -83,17 +83,19 @@ if SANDBOX:
         input:
             image=IMAGE,
             digest=f"{IMAGE}.sha256",
+        # Only the digest file: Snakemake would delete a directory() output before the job, and a folder of the
+        # user's named by mistake must survive (unpack_image replaces only a folder it unpacked itself).
         output:
-            sandbox=directory(SANDBOX),
-            digest=f"{SANDBOX}.sha256",
+            f"{SANDBOX}.sha256",
         log:
             f"{RESULTS}/logs/unpack_image.log",
         params:
             python=HOST_PYTHON,
+            sandbox=shlex.quote(SANDBOX),
         run:
             shell(
                 "{params.python} -m hpcdl.unpack_image --image {input.image} --digest {input.digest}"
-                " --sandbox {output.sandbox} 2> {log}"
+                " --sandbox {params.sandbox} 2> {log}"
             )
 
 
@@ -103,7 +105,7 @@ rule record_image:
     input:
         image=IMAGE,
         digest=f"{IMAGE}.sha256",
-        **({"sandbox": SANDBOX, "sandbox_digest": f"{SANDBOX}.sha256"} if SANDBOX else {}),
+        **({"sandbox_digest": f"{SANDBOX}.sha256"} if SANDBOX else {}),
     output:
         IMAGE_RECORD,
     log:
