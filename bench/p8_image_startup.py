@@ -95,5 +95,6 @@ def main(argv=None) -> int:
         print(f"largest difference, {form}: {worst[form]:+.2f} s (target <= +{MARGIN_S:.0f} s)")
     return 1 if args.check and worst[checked] > MARGIN_S else 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -46,8 +46,7 @@ def test_record_image_refuses_an_image_that_changed_after_its_build(tmp_path):
     digest = tmp_path / "hpcdl-cpu.sif.sha256"
     digest.write_text(f"{'0' * 64}  hpcdl-cpu.sif\n")
     out = tmp_path / "results" / "container.json"
-    run = subprocess.run([sys.executable, "-m", "hpcdl.record_image", "--image", str(image), "--digest", str(digest), "--out", str(out)],
-                         capture_output=True, text=True, timeout=60)
+    run = record_image("--image", str(image), "--digest", str(digest), "--out", str(out))
     assert run.returncode != 0
     assert str(image) in run.stderr and "0" * 64 in run.stderr and "changed after its build" in run.stderr, run.stderr
     assert not out.exists(), "no record of an image nobody can name"

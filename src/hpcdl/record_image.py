@@ -20,12 +20,29 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def read_digest_file(path: Path, image: Path) -> str:
+def read_digest_file(path: Path, image: Path, program: str = "record_image") -> str:
     """The sha256 from a `sha256sum` line ("<hex>  <name>") written by containers/build-image.sh."""
     fields = path.read_text().split()
     if len(fields) != 2 or len(fields[0]) != 64 or fields[1] != image.name:
-        raise SystemExit(f"record_image: {path} is not a sha256sum line for {image.name}: {path.read_text()!r}")
+        raise SystemExit(f"{program}: {path} is not a sha256sum line for {image.name}: {path.read_text()!r}")
     return fields[0]
+
+
+def verified_sha256(image: Path, digest_file: Path, program: str = "record_image") -> str:
+    """The image's sha256, hashed and checked against the line its build wrote: a changed image stops `program`."""
+    expected = read_digest_file(digest_file, image, program)
+    actual = file_sha256(image)
+    if actual != expected:
+        raise SystemExit(
+            f"{program}: {image} has sha256 {actual}, but {digest_file} says {expected}: the image changed after "
+            "its build. Rebuild it (snakemake build_images) rather than run stages from an image nobody can name."
+        )
+    return actual
+
+
+def sandbox_digest_file(sandbox: Path) -> Path:
+    """Where the digest of the SIF an unpacked folder came from is kept: beside the folder, never inside the image."""
+    return sandbox.with_name(sandbox.name + ".sha256")
 
 
 def apptainer_version(binary: str) -> str:
@@ -35,23 +52,15 @@ def apptainer_version(binary: str) -> str:
 
 
 def record(image: Path, digest_file: Path, binary: str, sandbox: Path | None = None) -> dict:
-    expected = read_digest_file(digest_file, image)
     if sandbox is not None:
-        return record_sandbox(image, expected, binary, sandbox)
-    actual = file_sha256(image)
-    if actual != expected:
-        raise SystemExit(
-            f"record_image: {image} has sha256 {actual}, but {digest_file} says {expected}: the image changed after "
-            "its build. Rebuild it (snakemake build_images) rather than run stages from an image nobody can name."
-        )
+        return record_sandbox(image, read_digest_file(digest_file, image), binary, sandbox)
+    actual = verified_sha256(image, digest_file)
     return {"image": str(image.resolve()), "sha256": actual, "apptainer": apptainer_version(binary)}
 
 
 def record_sandbox(image: Path, expected: str, binary: str, sandbox: Path) -> dict:
     """The stages run from `sandbox`: it must be the one unpack_image made from the image the .sha256 names (it
     checked the image's digest when it unpacked it, so the 3 GB are not hashed a second time here)."""
-    from hpcdl.unpack_image import sandbox_digest_file
-
     sandbox_digest = sandbox_digest_file(sandbox)
     if not (sandbox / ".singularity.d").is_dir() or not sandbox_digest.is_file():
         raise SystemExit(f"record_image: {sandbox} is not an image unpacked by unpack_image (no .singularity.d in it or no {sandbox_digest.name} beside it)")

@@ -22,12 +22,7 @@ import sys
 from pathlib import Path
 
 from hpcdl.atomic import atomic_write_text
-from hpcdl.record_image import file_sha256, read_digest_file
-
-
-def sandbox_digest_file(sandbox: Path) -> Path:
-    """Where the digest of the SIF a sandbox came from is kept: beside the folder, never inside the image."""
-    return sandbox.with_name(sandbox.name + ".sha256")
+from hpcdl.record_image import sandbox_digest_file, verified_sha256
 
 
 def is_unpacked_hpcdl_image(folder: Path) -> bool:
@@ -43,13 +38,7 @@ def is_unpacked_hpcdl_image(folder: Path) -> bool:
 def unpack(image: Path, digest_file: Path, sandbox: Path, binary: str) -> str:
     """Unpack `image` into `sandbox` (absent, empty, or an earlier unpack, which is replaced once the new one is
     complete) and return the image's sha256."""
-    expected = read_digest_file(digest_file, image)
-    actual = file_sha256(image)
-    if actual != expected:
-        raise SystemExit(
-            f"unpack_image: {image} has sha256 {actual}, but {digest_file} says {expected}: the image changed after "
-            "its build. Rebuild it (snakemake build_images)."
-        )
+    actual = verified_sha256(image, digest_file, "unpack_image")
     if sandbox.is_dir() and not any(sandbox.iterdir()):
         sandbox.rmdir()  # an empty folder made for it is a free place
     replaced = sandbox.exists()

@@ -34,6 +34,7 @@ IMAGE = config["container"]
 # (an ordinary file system instead of a squashfuse mount per stage: faster start-up, README P8).
 SANDBOX = (config["container_sandbox"] or "").rstrip("/") or None
 STAGE_IMAGE = SANDBOX or IMAGE
+SANDBOX_DIGEST = f"{SANDBOX}.sha256" if SANDBOX else None  # beside the folder: the SIF it came from (unpack_image)
 IN_APPTAINER = DeploymentMethod.APPTAINER in workflow.deployment_settings.deployment_method
 # What record_image writes and every stage tags its MLflow run with (image path, sha256, apptainer version).
 IMAGE_RECORD = f"{RESULTS}/container.json"

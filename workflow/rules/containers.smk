@@ -86,7 +86,7 @@ if SANDBOX:
         # Only the digest file: Snakemake would delete a directory() output before the job, and a folder of the
         # user's named by mistake must survive (unpack_image replaces only a folder it unpacked itself).
         output:
-            f"{SANDBOX}.sha256",
+            SANDBOX_DIGEST,
         log:
             f"{RESULTS}/logs/unpack_image.log",
         params:
@@ -105,7 +105,7 @@ rule record_image:
     input:
         image=IMAGE,
         digest=f"{IMAGE}.sha256",
-        **({"sandbox_digest": f"{SANDBOX}.sha256"} if SANDBOX else {}),
+        **({"sandbox_digest": SANDBOX_DIGEST} if SANDBOX else {}),
     output:
         IMAGE_RECORD,
     log:
