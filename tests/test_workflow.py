@@ -4,13 +4,17 @@ the accuracy targets met, and Snakemake's incremental behaviour kept (nothing re
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import time
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import assert_results_meet_the_targets, snakemake
+from conftest import REPO, SNAKEMAKE, assert_results_meet_the_targets, mpi_env, snakemake
 from hpcdl.launch import local_cores
 
 # What the runs table shows: the two fetch and preprocess runs are told apart by their role.
@@ -130,3 +134,32 @@ def test_more_ranks_than_cores_run_oversubscribed_with_one_warning(tmp_path):
     train = next(r for r in runs if r.info.run_name == "train")
     assert train.data.tags["world_size"] == str(ranks)
 
+
+
+@pytest.mark.slow
+def test_a_killed_snakemake_leaves_its_parent_run_killed_not_running(tmp_path):
+    """SIGKILL runs no onerror handler: the process holding the parent run open sees Snakemake gone and marks the
+    run KILLED, instead of leaving it RUNNING in the runs table forever."""
+    overrides = tmp_path / "long.yaml"
+    overrides.write_text(yaml.safe_dump({"train": {"epochs": 500}}))
+    results = tmp_path / "results"
+    command = [SNAKEMAKE, "--cores", "2", f"{results}/train/model.pt", "--configfile", str(overrides), "--config", f"results={results}"]
+    workflow = subprocess.Popen(command, cwd=REPO, env=mpi_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        train_log = results / "logs" / "train.log"
+        while not (train_log.exists() and "epoch 1/500" in train_log.read_text()) and time.monotonic() < deadline:
+            assert workflow.poll() is None, "the workflow ended before training ran"
+            time.sleep(0.2)
+        parent_id = (results / ".mlflow_parent_run").read_text().strip()
+        assert client_of(results).get_run(parent_id).info.status == "RUNNING"
+        os.killpg(workflow.pid, signal.SIGKILL)  # Snakemake and its jobs; not the keeper, which has its own session
+        workflow.wait()
+        deadline = time.monotonic() + 60
+        while client_of(results).get_run(parent_id).info.status == "RUNNING" and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert client_of(results).get_run(parent_id).info.status == "KILLED"
+    finally:
+        if workflow.poll() is None:
+            os.killpg(workflow.pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-KILL", "-f", str(results)])  # any rank that left the process group

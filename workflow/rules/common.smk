@@ -5,6 +5,7 @@ import os
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
@@ -12,6 +13,7 @@ from snakemake_interface_executor_plugins.settings import DeploymentMethod
 import hpcdl
 from hpcdl.checkout import export_git_state
 from hpcdl.launch import LOCAL_MPIRUN, oversubscription_warning
+from hpcdl.mlflow_parent import ParentRun
 from hpcdl.slurm_job import export_slurm_tags
 from hpcdl.sweep_grid import POINT_PATTERN, grid_points, point_train_config
 
@@ -152,32 +154,30 @@ def launch_warning(resources, stage, cfg=None):
 
 # The rules whose jobs log MLflow runs: an invocation without any (`snakemake build_images`) opens no parent run.
 STAGE_RULES = {"fetch", "fetch_weights", "preprocess", "train", "autoencode", "evaluate", "finetune"}
-PARENT_OPENED = []
+PARENT = []  # this invocation's hpcdl.mlflow_parent.ParentRun, once onstart has opened it
 
 
 def open_parent_run():
     """onstart: open the parent run with the whole config as params (runs on the submitting host). The first contact
     with the tracking store: a server that refuses the credentials stops the workflow here, before any job, and
-    nothing is written under the results folder."""
+    nothing is written under the results folder. The process that opened it stays until onsuccess/onerror (or
+    Snakemake's end) closes it: hpcdl.mlflow_parent says why."""
     if not any(job.rule.name in STAGE_RULES for job in workflow.dag.needrun_jobs()):
         return
-    command = [HOST_PYTHON, "-m", "hpcdl.mlflow_parent", "open", "--params", stage_params(config=config), "--out", PARENT_RUN]
-    opened = subprocess.run(command, capture_output=True, text=True)
-    if opened.returncode != 0:
-        raise WorkflowError(f"could not open the workflow's MLflow run:\n{(opened.stderr or opened.stdout).strip()[-2000:]}")
-    PARENT_OPENED.append(True)
-    os.makedirs(os.path.dirname(PARENT_LOG), exist_ok=True)
-    with open(PARENT_LOG, "w") as log:
-        log.write(opened.stdout + opened.stderr)
-    sys.stdout.write(opened.stdout)
+    parent, output, errors = ParentRun.open(HOST_PYTHON, stage_params(config=config), PARENT_RUN, Path(PARENT_LOG))
+    if parent is None:
+        raise WorkflowError(f"could not open the workflow's MLflow run:\n{(errors or output).strip()[-2000:]}")
+    PARENT.append(parent)
+    sys.stdout.write(output)
 
 
 def close_parent_run(status):
     """onsuccess/onerror: mark this invocation's parent run finished or failed (no-op if none was opened), then copy
     the runs that jobs logged offline into the tracking server (hpcdl.mlflow_sync)."""
-    if PARENT_OPENED and os.path.exists(PARENT_LOG):
-        subprocess.run([HOST_PYTHON, "-m", "hpcdl.mlflow_parent", "close", "--log", PARENT_LOG, "--status", status])
-    if PARENT_OPENED and tracking_uri().startswith(("http://", "https://")) and glob.glob(f"{OFFLINE_DIR}/*.db"):
+    if not PARENT:
+        return
+    PARENT.pop().close(status, HOST_PYTHON)
+    if tracking_uri().startswith(("http://", "https://")) and glob.glob(f"{OFFLINE_DIR}/*.db"):
         synced = subprocess.run([HOST_PYTHON, "-m", "hpcdl.mlflow_sync", OFFLINE_DIR, tracking_uri()])
         if synced.returncode != 0:
             print(f"hpcdl: the offline runs are not in the server yet; run later: python -m hpcdl.mlflow_sync {OFFLINE_DIR} {tracking_uri()}", file=sys.stderr)
