@@ -7,7 +7,7 @@ batches, already normalised in memory, no metrics, no logging.
 --compiled also times the step the pipeline would take with `torch.compile` (inductor; channels-last, fused SGD, as
 the pipeline's defaults), compilation excluded, to show whether compilation pays at this size (informational: the
 pipeline runs eager unless it does).
-Prints both throughputs measured in one run and the ratios: step throughput (the target, >= 0.95x) and whole
+Prints both throughputs measured in one run and the ratios: step throughput (the target) and whole
 epochs including the per-epoch validation/checkpoint/MLflow work (informational). Target >= 1.0x in every run,
 stretch 1.5x."""
 

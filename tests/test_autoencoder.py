@@ -127,6 +127,27 @@ def test_finetuning_starts_from_the_encoder_and_is_compared_with_scratch(run):
     assert classifier.head.out_features == len(manifest["classes"]) and not hasattr(classifier, "decoder")
 
 
+def test_psnr_is_measured_on_the_pixels_the_images_had(digits_dir):
+    """val_psnr and the reconstructions grid map the model's normalised output back to 0..1 pixels: a perfect
+    reconstruction scores the 100 dB cap, one off by 1/255 on every pixel of a 3-channel image scores 48.1 dB."""
+    from hpcdl.loop import OBJECTIVES, Normaliser
+    from hpcdl.stage_runtime import load_data
+
+    _, splits, normalise = load_data(digits_dir)
+    val = splits["val"]
+    indices = np.arange(len(val))
+    exact = normalise(torch.from_numpy(np.array(val.x)))
+    loss_sum, psnr_sum = OBJECTIVES["reconstruct"].eval_sums(exact, val, indices, normalise)
+    assert loss_sum == pytest.approx(0, abs=1e-6) and psnr_sum / len(val) == pytest.approx(100, abs=1e-3)
+
+    colour = Normaliser(mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3])
+    pixels = torch.full((2, 3, 4, 4), 100, dtype=torch.uint8)
+    off = colour.from_unit((pixels.float() + 1) / 255)
+    assert torch.allclose(colour.to_unit(colour(pixels)), pixels.float() / 255, atol=1e-6)
+    mse_pixels = (colour.to_unit(off) - pixels.float() / 255).pow(2).mean()
+    assert float(-10 * torch.log10(mse_pixels)) == pytest.approx(20 * np.log10(255), abs=1e-2)
+
+
 def test_init_autoencoder_refuses_a_classifier_file(tmp_path):
     from hpcdl.finetune import pretrained_model
     from hpcdl.models import build_model

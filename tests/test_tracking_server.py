@@ -281,7 +281,7 @@ def test_a_run_resumed_offline_after_an_interruption_ends_as_one_server_run(trac
     """Train starts online, is killed after some epochs (a walltime requeue, a node failure), and its retry finds the
     server unreachable: the retry goes on in an offline run tagged to continue the server run, and the sync merges
     it there: one run, every epoch exactly once, FINISHED."""
-    from conftest import mpirun, mpirun_command, mpi_env, train_config
+    from conftest import mpirun_command, mpi_env, train_config
     from test_train_resume import checkpoint_epoch, job_processes, signal_all
 
     alice = tracking_server.users["alice"]

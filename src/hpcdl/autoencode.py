@@ -2,7 +2,7 @@
 dataset, launched as N MPI ranks exactly like rule train, so that fine-tuning can start from its encoder
 (finetune.init: autoencoder) without using any label of the pretraining data.
 
-The same loop as train (hpcdl.loop.fit with objective `reconstruct`): sharding, checkpoint every epoch under
+The same stage as train (hpcdl.single_model_stage: hpcdl.loop.fit, here with objective `reconstruct`): sharding, checkpoint every epoch under
 <out>/checkpoints/ and resume, the Horovod/DDP step, the per-epoch MLflow metrics loss, val_loss (MSE in the
 normalised pixel space) and val_psnr (dB). Rank 0 then writes the reconstructions grid, logs and registers the
 model, and writes model.pt and metrics.json (last, so they mean 'complete')."""
@@ -16,30 +16,14 @@ import mlflow
 import numpy as np
 import torch
 
-from hpcdl import tracking
 from hpcdl.atomic import atomic_output, atomic_write_json
 from hpcdl.autoencoder import MODEL_KIND, ConvAutoencoder
-from hpcdl.checkpoint import CheckpointStore, config_digest
 from hpcdl.cli import stage_parser
-from hpcdl.loop import OBJECTIVES, PhaseSpec, Split, fit, predict
+from hpcdl.loop import OBJECTIVES, PhaseSpec, Split, predict
 from hpcdl.models import count_parameters
-from hpcdl.optim import build_optimizer, build_schedule
+from hpcdl.single_model_stage import SingleModelStage, Trained, run_single_model_stage
 from hpcdl.stage_clock import StageClock
-from hpcdl.stage_runtime import (
-    MlflowEpochReporter,
-    StopRequest,
-    exit_resumable,
-    load_data,
-    log_memory,
-    log_model,
-    model_record,
-    run_context,
-    run_on_all_ranks,
-    save_model_file,
-    stage_tags,
-    start_backend,
-)
-from hpcdl.train import log_split_inputs
+from hpcdl.stage_runtime import log_model, model_record, run_on_all_ranks, save_model_file
 
 GRID_IMAGES = 16  # reconstructions grid: at most this many validation images
 
@@ -49,68 +33,26 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", required=True, type=Path)
     parser.add_argument("--out-dir", required=True, type=Path)
     args = parser.parse_args(argv)
-    clock = StageClock()
-    ae, tr = args.params["autoencode"], args.params["train"]
-    stop = StopRequest()  # first: a walltime signal during start-up must not kill the rank
-    backend, device = start_backend(tr["backend"], ae["threads_per_rank"], tr.get("compression", "none"))
-    clock.mark("mpi_setup")
-    manifest, splits, normalise = load_data(args.data_dir)
-    checkpoint_dir = args.out_dir / "checkpoints"
-    digest = config_digest({"autoencode": ae, "train": tr, "data": manifest["files"], "world_size": backend.size})
-    store = CheckpointStore(checkpoint_dir / "autoencode.pt", digest)
-    resume = backend.broadcast_object(store.load() if backend.is_root else None)
-    clock.mark("data")
+    ae, tr = args.params["autoencode"], args.params["train"]  # train's: backend, precision, layout, schedule
 
-    torch.manual_seed(ae["seed"])  # same initial weights on every rank (and rank 0's are broadcast anyway)
-    model = ConvAutoencoder(ae["model"], manifest["channels"], manifest["image_size"])
-    spec = PhaseSpec("autoencode", ae["epochs"], ae["batch_size"], ae["seed"], ae["augment"], tr["precision"],
-                     tr["grad_accum_steps"], tr["memory_format"], objective="reconstruct")
-    world = backend.size
+    def done(trained: Trained) -> None:
+        finish(trained.model, ae, trained.manifest, trained.splits, trained.normalise, trained.history, args.out_dir, trained.run, trained.clock)
 
-    def make_optimizer(params):
-        return build_optimizer(ae["optimizer"], params, lr=ae["lr"] * world, momentum=ae["momentum"], nesterov=tr["nesterov"], weight_decay=ae["weight_decay"])
-
-    def make_scheduler(optimizer, steps_per_epoch):
-        return build_schedule(optimizer, world_size=world, warmup_steps=min(tr["warmup_epochs"], ae["epochs"]) * steps_per_epoch,
-                              total_steps=ae["epochs"] * steps_per_epoch, schedule=tr["schedule"])
-
-    resume_run = tracking.resumable_run(checkpoint_dir, digest) if backend.is_root else None
-    tags = stage_tags("autoencode", backend, image_record=args.params.get("image_record"))
-    with run_context(backend, args.params["mlflow"], stage="autoencode", parent_run_file=args.parent_run, resume=resume_run, tags=tags) as run:
-        if backend.is_root:
-            tracking.remember_run(checkpoint_dir, digest, run)
-            tracking.print_where(args.params["mlflow"], run)
-            if resume_run is None or tracking.is_continuation(run):
-                mlflow.log_params(tracking.flatten({"autoencode": ae, "train": tr}))
-                mlflow.log_params({"model.parameters": count_parameters(model), "model.encoder_parameters": count_parameters(model.features)})
-                log_split_inputs(manifest, splits, args.data_dir)
-            if resume_run is not None:
-                tracking.print_resuming(resume_run, run, resume["epoch"] if resume else 0)
-        clock.mark("mlflow_setup")
-        model, history = fit(
-            model=model,
-            backend=backend,
-            device=device,
-            make_optimizer=make_optimizer,
-            make_scheduler=make_scheduler,
-            train=splits["train"],
-            val=splits["val"],
-            normalise=normalise,
-            spec=spec,
-            store=store,
-            resume=resume,
-            reporter=MlflowEpochReporter(),
-            should_stop=stop,
-        )
-        if len(history) < spec.epochs:
-            exit_resumable(backend, "autoencode", len(history), spec.epochs, store.path)
-        clock.mark("epochs")
-        log_memory(backend)
-        if backend.is_root:
-            finish(model, ae, manifest, splits, normalise, history, args.out_dir, run, clock)
-    backend.barrier()
-    backend.shutdown()
-    return 0
+    stage = SingleModelStage(
+        name="autoencode",
+        rule="autoencode",
+        settings={"autoencode": ae, "train": tr},
+        backend={"name": tr["backend"], "threads": ae["threads_per_rank"], "compression": tr.get("compression", "none")},
+        seed=ae["seed"],
+        build_model=lambda manifest: ConvAutoencoder(ae["model"], manifest["channels"], manifest["image_size"]),
+        phase=PhaseSpec("autoencode", ae["epochs"], ae["batch_size"], ae["seed"], ae["augment"], tr["precision"],
+                        tr["grad_accum_steps"], tr["memory_format"], objective="reconstruct"),
+        optimizer={"name": ae["optimizer"], "lr": ae["lr"], "momentum": ae["momentum"], "nesterov": tr["nesterov"], "weight_decay": ae["weight_decay"]},
+        schedule={"name": tr["schedule"], "warmup_epochs": min(tr["warmup_epochs"], ae["epochs"])},
+        model_params=lambda model, manifest: {"model.parameters": count_parameters(model), "model.encoder_parameters": count_parameters(model.features)},
+        finish=done,
+    )
+    return run_single_model_stage(stage, args.params, args.data_dir, args.out_dir, args.parent_run)
 
 
 def mean_image_baseline(train: Split, val: Split, normalise) -> dict:
@@ -120,9 +62,7 @@ def mean_image_baseline(train: Split, val: Split, normalise) -> dict:
     for start in range(0, len(train), 4096):  # in chunks: the images are memory-mapped
         total += train.x[start : start + 4096].sum(axis=0, dtype=np.float64)
     mean_pixels = torch.from_numpy(total / max(len(train), 1)).float() / 255
-    mean = torch.tensor(normalise.mean).view(-1, 1, 1)
-    std = torch.tensor(normalise.std).view(-1, 1, 1)
-    outputs = ((mean_pixels - mean) / std).unsqueeze(0).expand(len(val), -1, -1, -1)
+    outputs = normalise.from_unit(mean_pixels).unsqueeze(0).expand(len(val), -1, -1, -1)
     loss_sum, psnr_sum = OBJECTIVES["reconstruct"].eval_sums(outputs, val, np.arange(len(val)), normalise)
     return {"loss": loss_sum / len(val), "psnr": psnr_sum / len(val)}
 
@@ -165,9 +105,7 @@ def finish(model, ae, manifest, splits, normalise, history, out_dir: Path, run, 
     final = history[-1]
     indices = grid_indices(val.y)
     outputs = predict(model, val, normalise, indices=indices)
-    mean = torch.tensor(normalise.mean).view(1, -1, 1, 1)
-    std = torch.tensor(normalise.std).view(1, -1, 1, 1)
-    pixels = ((outputs * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    pixels = (normalise.to_unit(outputs).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     out_dir.mkdir(parents=True, exist_ok=True)
     grid = out_dir / "reconstructions.png"
     plot_reconstructions(np.take(val.x, indices, axis=0), pixels, grid,

@@ -61,6 +61,20 @@ class Normaliser:
         scale, shift = self._factors[device]
         return x_uint8.float().mul_(scale).sub_(shift)
 
+    def from_unit(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Images on the 0..1 pixel scale, (C, H, W) or (N, C, H, W), normalised like the uint8 ones."""
+        mean, std = self._unit_factors(pixels)
+        return (pixels - mean) / std
+
+    def to_unit(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse: normalised images back on the 0..1 pixel scale (unclamped), e.g. an autoencoder's
+        reconstructions as an image shows them."""
+        mean, std = self._unit_factors(x)
+        return x * std + mean
+
+    def _unit_factors(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, 1, 1) for values in (self.mean, self.std))
+
     @property
     def black(self) -> torch.Tensor:
         """A 0-valued pixel after normalisation: the fill for pixels uncovered by augmentation."""
@@ -181,10 +195,8 @@ class Reconstruction:
         images = np.take(split.x, indices, axis=0)
         x = normalise(images)
         mse = (outputs - x).pow(2).flatten(1).mean(1)
-        mean = torch.tensor(normalise.mean).view(1, -1, 1, 1)
-        std = torch.tensor(normalise.std).view(1, -1, 1, 1)
         pixels = torch.from_numpy(images).float() / 255
-        mse_pixels = ((outputs * std + mean).clamp(0, 1) - pixels).pow(2).flatten(1).mean(1)
+        mse_pixels = (normalise.to_unit(outputs).clamp(0, 1) - pixels).pow(2).flatten(1).mean(1)
         psnr = -10 * torch.log10(mse_pixels.clamp_min(1e-10))
         return mse.sum().item(), psnr.sum().item()
 

@@ -14,7 +14,6 @@ import socket
 import sys
 import warnings
 from pathlib import Path
-from urllib.parse import urlparse
 
 import mlflow
 from mlflow.tracking import MlflowClient
