@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import mlflow
@@ -59,39 +60,41 @@ def signal_all(pids: list[int], signum: int) -> None:
             pass
 
 
-def wait_until_stopped(pids: list[int], timeout: float = 10) -> None:
-    """SIGSTOP is delivered asynchronously: wait until every process reports state T (stopped) in /proc."""
-    deadline = time.monotonic() + timeout
-    for pid in pids:
-        while time.monotonic() < deadline:
-            try:
-                state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
-            except (FileNotFoundError, ProcessLookupError):
-                break
-            if state in "TtZX":
-                break
-
-
-def freeze_during_a_checkpoint_write(job: subprocess.Popen, checkpoint, min_epoch: int, timeout: float = 180) -> tuple[int, list[int]]:
-    """Stop the whole job (SIGSTOP to mpirun and its ranks) at an instant when rank 0 is writing a checkpoint, i.e.
-    while `<checkpoint>.tmp` exists, at or after epoch `min_epoch`; returns the epoch of the last complete
-    checkpoint and the frozen processes. Checked while frozen, so the write is certainly unfinished; if it finished
-    in between, the job continues and the next write is tried."""
+def kill_during_a_checkpoint_write(job: subprocess.Popen, checkpoint, after_epoch: int, timeout: float = 180) -> tuple[int, bytes]:
+    """SIGKILL the whole job (mpirun and its ranks) while rank 0 is in the middle of writing a checkpoint, the first
+    write after checkpoint `after_epoch` is complete. Deterministic, not a race against a millisecond-long write:
+    the write's temporary file (`<checkpoint>.tmp`, hpcdl.atomic) is made a FIFO before the write begins, so rank
+    0 writes into this test, which reads the first bytes and kills the job while rank 0 is still writing. What a
+    kill leaves after a partial write is then put in the FIFO's place: a regular file holding those bytes.
+    Returns the epoch of the last complete checkpoint and the bytes."""
     partial = checkpoint.with_name(checkpoint.name + ".tmp")
     deadline = time.monotonic() + timeout
-    pids: list[int] = []
-    while time.monotonic() < deadline and job.poll() is None:
-        if not pids:  # once the ranks run (their first checkpoint exists), list them once: signals must be quick
-            pids = job_processes(job) if checkpoint.exists() else []
-            continue
-        if not partial.exists():
-            continue  # a busy poll: a write of this small model lasts about a millisecond
-        signal_all(pids, signal.SIGSTOP)
-        wait_until_stopped(pids)
-        if partial.exists() and checkpoint_epoch(checkpoint) >= min_epoch:
-            return checkpoint_epoch(checkpoint), pids
-        signal_all(pids, signal.SIGCONT)
-    raise AssertionError("never caught a checkpoint write in progress")
+    while True:  # between two writes: epochs last about a second, a write a millisecond
+        assert job.poll() is None and time.monotonic() < deadline, f"the job ended or stalled before checkpoint {after_epoch}"
+        if checkpoint_epoch(checkpoint) >= after_epoch:
+            try:
+                os.mkfifo(partial)
+                break
+            except FileExistsError:  # a write is in progress at this instant: take the next one
+                pass
+        time.sleep(0.01)
+    received: dict = {}
+
+    def read_the_first_bytes():
+        received["pipe"] = pipe = open(partial, "rb")  # opens once rank 0 opens the file to write the next checkpoint
+        received["bytes"] = pipe.read(4096)  # the pipe stays open: rank 0 blocks in its write, it does not fail
+
+    reader = threading.Thread(target=read_the_first_bytes, daemon=True)
+    reader.start()
+    reader.join(timeout=max(deadline - time.monotonic(), 1))
+    signal_all(job_processes(job), signal.SIGKILL)
+    job.wait()
+    if "pipe" in received:
+        received["pipe"].close()
+    assert received.get("bytes"), "rank 0 never began the next checkpoint write"
+    partial.unlink()
+    partial.write_bytes(received["bytes"])
+    return checkpoint_epoch(checkpoint), received["bytes"]
 
 
 @pytest.mark.parametrize("backend", ["horovod", "torch"])
@@ -109,13 +112,12 @@ def test_sigkill_during_a_checkpoint_write_then_rerun_resumes_to_identical_weigh
     command = mpirun_command(2, sys.executable, "-m", "hpcdl.train", *train_args(tmp_path, data_copy, out, cfg))
     job = subprocess.Popen(command, env=mpi_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        killed_at, pids = freeze_during_a_checkpoint_write(job, checkpoint, min_epoch=3)
-        signal_all(pids, signal.SIGKILL)
+        killed_at, written = kill_during_a_checkpoint_write(job, checkpoint, after_epoch=3)
     finally:
         signal_all(job_processes(job), signal.SIGKILL)
         job.wait()
     assert 3 <= killed_at < EPOCHS, f"the kill did not land mid-training (checkpoint epoch {killed_at})"
-    assert checkpoint.with_name("train.pt.tmp").exists(), "the kill landed during a write"
+    assert written[:2] == b"PK" and len(written) == 4096, "the kill landed inside a checkpoint write (torch.save's zip) under way"
     assert checkpoint_epoch(checkpoint) == killed_at, "the last complete checkpoint is intact and loads"
     assert not (out / "model.pt").exists(), "a killed run must not leave a model that looks finished"
 
