@@ -2,9 +2,9 @@
 dataset, launched as N MPI ranks exactly like rule train, so that fine-tuning can start from its encoder
 (finetune.init: autoencoder) without using any label of the pretraining data.
 
-The same stage as train (hpcdl.single_model_stage: hpcdl.loop.fit, here with objective `reconstruct`): sharding, checkpoint every epoch under
-<out>/checkpoints/ and resume, the Horovod/DDP step, the per-epoch MLflow metrics loss, val_loss (MSE in the
-normalised pixel space) and val_psnr (dB). Rank 0 then writes the reconstructions grid, logs and registers the
+The same stage as train (hpcdl.single_model_stage: hpcdl.loop.fit, here with objective `reconstruct`):
+sharding, checkpoint every epoch under <out>/checkpoints/ and resume, the Horovod/DDP step, the per-epoch MLflow
+metrics loss, val_loss (MSE in the normalised pixel space) and val_psnr (dB). Rank 0 then writes the reconstructions grid, logs and registers the
 model, and writes model.pt and metrics.json (last, so they mean 'complete')."""
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import torch
 
 from hpcdl import tracking
 from hpcdl.checkpoint import CheckpointStore, config_digest
-from hpcdl.loop import PhaseSpec, fit
+from hpcdl.loop import Normaliser, PhaseSpec, fit
 from hpcdl.optim import build_optimizer, build_schedule
 from hpcdl.stage_clock import StageClock
 from hpcdl.stage_runtime import (
@@ -41,8 +41,8 @@ class Trained:
     history: list[dict]
     manifest: dict
     splits: dict
-    normalise: object
-    run: object
+    normalise: Normaliser
+    run: mlflow.ActiveRun
     clock: StageClock
     world_size: int
 
@@ -58,7 +58,7 @@ class SingleModelStage:
     name: str  # the MLflow stage and the checkpoint's name (<out>/checkpoints/<name>.pt)
     rule: str  # the Snakemake rule, tagged on the run (train_sweep runs hpcdl.train too)
     settings: dict
-    backend: dict  # name, threads, compression: hpcdl.stage_runtime.start_backend's arguments
+    backend: dict  # hpcdl.stage_runtime.start_backend's keyword arguments: name, threads, compression
     seed: int
     build_model: Callable[[dict], torch.nn.Module]
     phase: PhaseSpec
@@ -74,7 +74,7 @@ def run_single_model_stage(stage: SingleModelStage, params: dict, data_dir: Path
     """Every rank runs this; only rank 0 talks to MLflow and writes files."""
     clock = StageClock()
     stop = StopRequest()  # first: a walltime signal during start-up must not kill the rank
-    backend, device = start_backend(stage.backend["name"], stage.backend["threads"], stage.backend["compression"])
+    backend, device = start_backend(**stage.backend)
     clock.mark("mpi_setup")
     manifest, splits, normalise = load_data(data_dir)
     checkpoint_dir = out_dir / "checkpoints"
