@@ -39,9 +39,10 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 log() { echo "[build-horovod $(date +%T)] $*"; }
-# Absolute before any cd (the wheel is built from inside the unpacked sdist): a relative --python, as
-# `scripts/setup.sh` once passed, would name a file that does not exist there. Not resolved through symlinks: a
-# venv's python is a link to the base interpreter, and only the link's path selects the venv.
+# Relative paths are the caller's. The script does not change folder (pip gets the unpacked sdist's path: a `cd`
+# into it once broke a relative --python from scripts/setup.sh), and both paths are made absolute here, so a step
+# that does change folder still finds them (tests/test_setup.py checks the logged paths). Not resolved through
+# symlinks: a venv's python is a link to the base interpreter, and only the link's path selects the venv.
 [[ $PY == /* ]] || PY=$PWD/$PY
 [[ -n ${HPCDL_CACHE:-} && $HPCDL_CACHE != /* ]] && HPCDL_CACHE=$PWD/$HPCDL_CACHE
 START=$SECONDS
@@ -98,7 +99,7 @@ if [[ ${#wheels[@]} -eq 0 ]]; then
   fi
   log "building wheel (MAKEFLAGS=$MAKEFLAGS, this takes minutes)"
   t0=$SECONDS
-  (cd "$SRC" && "$PY" -m pip wheel --no-cache-dir --no-build-isolation --no-deps -w "$TMP/dist" .)
+  "$PY" -m pip wheel --no-cache-dir --no-build-isolation --no-deps -w "$TMP/dist" "$SRC"
   log "wheel built in $((SECONDS - t0)) s"
   mkdir -p "$CACHE_DIR"
   cp "$TMP"/dist/horovod-*.whl "$CACHE_DIR/"

@@ -19,6 +19,8 @@ pytest_plugins = ["data_fixtures", "slurm_fixtures", "container_fixtures", "brow
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+# Where scripts/build-horovod.sh keeps its wheels: the script's own rule (HPCDL_CACHE, else XDG_CACHE_HOME/hpcdl).
+HOROVOD_CACHE = Path(os.environ.get("HPCDL_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "hpcdl"))
 
 
 def mpi_env(**extra) -> dict:

@@ -27,13 +27,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, require_or_fail
+from conftest import HOROVOD_CACHE, REPO, require_or_fail
 from slurm_fixtures import EXTRA_PATH, WORK_ROOT, SlurmUser, chown_tree, run_snakemake
 
 INSTALL = REPO / "tests" / "apptainer" / "install-apptainer.sh"
 APPTAINER_PREFIX = Path(os.environ.get("HPCDL_APPTAINER_PREFIX", "/opt/hpcdl-apptainer/1.4.5"))
 IMAGE_CACHE = Path(os.environ["HPCDL_IMAGE_CACHE"]) if os.environ.get("HPCDL_IMAGE_CACHE") else None
-HOROVOD_CACHE = Path(os.environ.get("HPCDL_CACHE", Path.home() / ".cache" / "hpcdl"))
 
 
 @pytest.fixture(scope="session")
