@@ -53,8 +53,8 @@ def fast_epoch(split: Split, normalise: Normaliser, rng) -> int:
 
 def per_sample_epoch(loader) -> int:
     seen = 0
-    for xb, yb in loader:
-        seen += len(yb)
+    for _images, labels in loader:
+        seen += len(labels)
     return seen
 
 

@@ -72,9 +72,9 @@ def main(argv=None) -> int:
                 compiled(xb)  # compiles for this shape
                 compile_seconds[batch] = time.perf_counter() - started
                 engines = {
-                    "pytorch eager": lambda: model(xb),
-                    "torch.compile": lambda: compiled(xb),
-                    "onnxruntime": lambda: session.run([OUTPUT_NAME], {INPUT_NAME: xb_numpy}),
+                    "pytorch eager": lambda xb=xb: model(xb),
+                    "torch.compile": lambda xb=xb: compiled(xb),
+                    "onnxruntime": lambda xb_numpy=xb_numpy: session.run([OUTPUT_NAME], {INPUT_NAME: xb_numpy}),
                 }
                 reference = model(xb).numpy()
                 max_diff = max(max_diff, float(np.abs(compiled(xb).numpy() - reference).max()),

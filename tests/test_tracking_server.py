@@ -168,7 +168,7 @@ def test_a_person_logs_in_and_sees_runs_charts_and_artifacts(server_pipeline, tr
     page.get_by_text("confusion_matrix.png", exact=True).click()
     image = page.locator("img[src^='blob:']").first  # the UI fetches the artifact through the server, shows it as a blob
     image.wait_for(timeout=60_000)
-    assert image.evaluate("img => img.complete && img.naturalWidth") > 100, "the confusion matrix is shown" 
+    assert image.evaluate("img => img.complete && img.naturalWidth") > 100, "the confusion matrix is shown"
     page.screenshot(path=str(shots / "ui-server-confusion-matrix.png"), full_page=True)
 
 
