@@ -8,7 +8,8 @@ artifacts proxied, allow-listed host names), users created through the auth API.
    under the workflow run, the val_accuracy chart and the confusion matrix (screenshots kept in the results);
 4. `reproduce` of the pipeline's train run: bit-identical weights, the same test accuracy, tagged as a reproduction;
 5. the server down while train runs: the pipeline completes offline, the sync brings every run in, field by field,
-   and a second sync adds nothing.
+   a second sync adds nothing and asks nothing about the unchanged runs, and a point logged to an offline run
+   afterwards is copied by the next sync.
 Root on Debian (skipped elsewhere, failed under CI=true)."""
 
 from __future__ import annotations
@@ -214,6 +215,15 @@ def test_reproduce_refuses_what_it_cannot_recreate(server_pipeline, tracking_ser
     assert not (tmp_path / "r").exists()
 
 
+def offline_runs(stores: Path):
+    """(store file, its client, run) for every run in a folder of offline stores."""
+    for store in sorted(stores.glob("*.db")):
+        local = MlflowClient(tracking_uri=f"sqlite:///{store}")
+        for experiment in local.search_experiments():
+            for run in local.search_runs([experiment.experiment_id], max_results=1000):
+                yield store, local, run
+
+
 def runs_by_name(client: MlflowClient, experiment_id: str) -> dict:
     return {run.info.run_name: run for run in client.search_runs([experiment_id], max_results=1000)}
 
@@ -244,32 +254,39 @@ def test_server_down_during_train_then_the_sync_brings_every_run_in_once(trackin
     assert first.returncode == 0, first.stderr[-4000:]
     second = subprocess.run(sync, env=alice.env(), capture_output=True, text=True, timeout=900)
     assert second.returncode == 0 and "nothing (already in sync)" in second.stdout, second.stdout + second.stderr
+    passed_over = second.stdout.count(": unchanged since its last sync")
 
     # Field by field: every offline run against its copy on the server.
     record = json.loads((stores / "synced.json").read_text())
     server = client_as(alice, tracking_server.uri)
     copied = 0
-    for store in sorted(stores.glob("*.db")):
-        local = MlflowClient(tracking_uri=f"sqlite:///{store}")
-        for experiment in local.search_experiments():
-            for source in local.search_runs([experiment.experiment_id], max_results=1000):
-                target = server.get_run(record["runs"][store.name][source.info.run_id])
-                copied += 1
-                assert target.info.run_name == source.info.run_name
-                assert (target.info.status, target.info.start_time, target.info.end_time) == (source.info.status, source.info.start_time, source.info.end_time)
-                assert target.data.params == source.data.params
-                tags = {k: v for k, v in target.data.tags.items() if not k.startswith("hpcdl.sync.")}
-                expected = dict(source.data.tags)
-                if "mlflow.parentRunId" in expected:
-                    parent = expected["mlflow.parentRunId"]
-                    expected["mlflow.parentRunId"] = next((ids[parent] for ids in record["runs"].values() if parent in ids), parent)
-                assert tags == expected, source.info.run_name
-                for key in source.data.metrics:
-                    history = [(m.step, m.timestamp, m.value) for m in local.get_metric_history(source.info.run_id, key)]
-                    assert sorted(history) == sorted((m.step, m.timestamp, m.value) for m in server.get_metric_history(target.info.run_id, key)), key
-                assert {a.path for a in local.list_artifacts(source.info.run_id)} == {a.path for a in server.list_artifacts(target.info.run_id)}
-                assert sorted(i.dataset.digest for i in source.inputs.dataset_inputs) == sorted(i.dataset.digest for i in target.inputs.dataset_inputs)
+    for store, local, source in offline_runs(stores):
+        target = server.get_run(record["runs"][store.name][source.info.run_id])
+        copied += 1
+        assert target.info.run_name == source.info.run_name
+        assert (target.info.status, target.info.start_time, target.info.end_time) == (source.info.status, source.info.start_time, source.info.end_time)
+        assert target.data.params == source.data.params
+        tags = {k: v for k, v in target.data.tags.items() if not k.startswith("hpcdl.sync.")}
+        expected = dict(source.data.tags)
+        if "mlflow.parentRunId" in expected:
+            parent = expected["mlflow.parentRunId"]
+            expected["mlflow.parentRunId"] = next((ids[parent] for ids in record["runs"].values() if parent in ids), parent)
+        assert tags == expected, source.info.run_name
+        for key in source.data.metrics:
+            history = [(m.step, m.timestamp, m.value) for m in local.get_metric_history(source.info.run_id, key)]
+            assert sorted(history) == sorted((m.step, m.timestamp, m.value) for m in server.get_metric_history(target.info.run_id, key)), key
+        assert {a.path for a in local.list_artifacts(source.info.run_id)} == {a.path for a in server.list_artifacts(target.info.run_id)}
+        assert sorted(i.dataset.digest for i in source.inputs.dataset_inputs) == sorted(i.dataset.digest for i in target.inputs.dataset_inputs)
     assert copied >= 4, "the workflow run and train, evaluate, finetune were offline"
+    assert passed_over == copied, "the second sync passed over every unchanged run without comparing it field by field"
+
+    # A run that changes after its copy (a stage resumed into its offline run logs more) is copied again.
+    train_store, local, train_source = next(entry for entry in offline_runs(stores) if entry[2].info.run_name == "train")
+    local.log_metric(train_source.info.run_id, "late_point", 1.5, step=7)
+    third = subprocess.run(sync, env=alice.env(), capture_output=True, text=True, timeout=900)
+    assert third.returncode == 0 and ": 1 metric points;" in third.stdout, third.stdout + third.stderr
+    train_copy = record["runs"][train_store.name][train_source.info.run_id]
+    assert [(m.step, m.value) for m in server.get_metric_history(train_copy, "late_point")] == [(7, 1.5)]
     experiment = server.get_experiment_by_name("offline-study")
     finetune = runs_by_name(server, experiment.experiment_id)["finetune"]
     versions = server.search_model_versions("name='hpcdl-finetuned'")

@@ -13,11 +13,15 @@ parent links on import-run and duplicates runs on a second import, so this copy 
   hpcdl.sync.target_run_id) is merged into that server run, so a requeued stage still ends as one run;
 - which source run became which target run: <source>/synced.json, and the tags hpcdl.sync.source_run_id and
   hpcdl.sync.source_store on every copy. A sync that stopped half way goes on where it stopped.
+- a run unchanged since its last complete copy is passed over without asking the server anything: synced.json keeps
+  a digest of what was copied (read from the local store), so a workflow that syncs a growing folder of stores at
+  every end pays only for what is new. A run that changed (a resumed stage logged more) is compared field by field.
 Credentials for the server: MLflow's usual places (MLFLOW_TRACKING_USERNAME/PASSWORD or ~/.mlflow/credentials)."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import tempfile
@@ -63,6 +67,28 @@ def parents_first(entries: list) -> list:
     return sorted(entries, key=lambda entry: (depth(entry[2]), entry[2].info.start_time))
 
 
+def source_digest(source: MlflowClient, run) -> str:
+    """Everything the sync copies of a source run, read from its local store, as one digest: the same digest as at
+    the run's last complete copy means there is nothing new to copy."""
+    run_id = run.info.run_id
+
+    def artifacts(path=None):
+        return [(item.path, item.file_size, artifacts(item.path) if item.is_dir else None) for item in source.list_artifacts(run_id, path)]
+
+    models = [m for m in source.search_logged_models(experiment_ids=[run.info.experiment_id]) if m.source_run_id == run_id]
+    state = {
+        "info": [run.info.status, run.info.start_time, run.info.end_time, run.info.run_name, run.info.lifecycle_stage],
+        "params": run.data.params, "tags": run.data.tags,
+        "metrics": {key: sorted((m.step, m.timestamp, m.value) for m in source.get_metric_history(run_id, key)) for key in run.data.metrics},
+        "artifacts": artifacts(),
+        "inputs": sorted([item.dataset.name, item.dataset.digest, sorted((t.key, t.value) for t in item.tags)]
+                         for item in run.inputs.dataset_inputs),
+        "models": sorted([m.model_id, str(m.status)] for m in models),
+        "versions": sorted([v.name, v.version] for v in source.search_model_versions(f"run_id = '{run_id}'")),
+    }
+    return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
+
+
 class Sync:
     def __init__(self, source_dir: Path, target_uri: str, verbose: bool = False):
         self.verbose = verbose
@@ -70,6 +96,7 @@ class Sync:
         self.target = MlflowClient(tracking_uri=target_uri)
         self.record_path = self.source_dir / RECORD
         self.record = json.loads(self.record_path.read_text()) if self.record_path.exists() else {"runs": {}, "models": {}}
+        self.record.setdefault("copied", {})  # store -> source run id -> source_digest at its last complete copy
         self.counts = Counter()
         self.experiments: dict[str, str] = {}
 
@@ -124,6 +151,12 @@ class Sync:
         return created.info.run_id, False
 
     def sync_run(self, source: MlflowClient, store: str, run) -> None:
+        digest = source_digest(source, run)
+        copied = self.record["copied"].setdefault(store, {})
+        if copied.get(run.info.run_id) == digest:
+            if self.verbose:
+                print(f"  {run.info.run_name}: unchanged since its last sync", flush=True)
+            return
         experiment_id = self.target_experiment(source, run.info.experiment_id)
         target_id, continuation = self.find_or_create(source, store, run, experiment_id)
         self.record["runs"][store][run.info.run_id] = target_id
@@ -135,6 +168,7 @@ class Sync:
         self.sync_inputs(run, target_run)
         self.sync_models(source, run, target_run, experiment_id)
         self.sync_status(run, target_run, continuation)
+        copied[run.info.run_id] = digest
 
     def sync_tags(self, run, target_run, continuation: bool) -> None:
         skip = {CONTINUES_RUN, CONTINUES_STORE, SOURCE_RUN, SOURCE_STORE} | ({"mlflow.runName"} if continuation else set())
