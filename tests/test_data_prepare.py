@@ -11,7 +11,7 @@ import torch
 from hpcdl.data.download import ChecksumError
 from hpcdl.data.prepare import SPLITS, convert, load_split, read_manifest, split, write_dataset
 from hpcdl.data.sources import DataError, fetch_source, load_raw
-from hpcdl.loop import batch_to_tensor
+from hpcdl.loop import Normaliser
 
 
 @pytest.fixture(scope="module")
@@ -164,26 +164,26 @@ def test_rewrite_removes_the_old_manifest_before_writing(digits, tmp_path):
 
 
 # --- fast path ----------------------------------------------------------------------------------------------------
-def test_batch_to_tensor_normalises_per_channel(prepared):
+def test_normaliser_normalises_per_channel(prepared):
     out, manifest = prepared
     x, _ = load_split(out, "train")
     batch = x[:64]  # a read-only memmap slice, as training passes it
-    got = batch_to_tensor(batch, manifest["mean"], manifest["std"])
+    got = Normaliser(manifest["mean"], manifest["std"])(batch)
     mean = np.array(manifest["mean"])[None, :, None, None]
     std = np.array(manifest["std"])[None, :, None, None]
     expected = (np.asarray(batch, dtype=np.float64) / 255.0 - mean) / std
     assert got.dtype == torch.float32 and got.shape == (64, 3, 16, 16)
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)
-    same = batch_to_tensor(torch.from_numpy(np.array(batch)), manifest["mean"], manifest["std"])
+    same = Normaliser(manifest["mean"], manifest["std"])(torch.from_numpy(np.array(batch)))
     torch.testing.assert_close(same, got)
     with pytest.raises(DataError, match="uint8"):
-        batch_to_tensor(np.zeros((2, 3, 4, 4), dtype=np.float32), manifest["mean"], manifest["std"])
+        Normaliser(manifest["mean"], manifest["std"])(np.zeros((2, 3, 4, 4), dtype=np.float32))
 
 
 def test_normalised_train_split_has_zero_mean_unit_std(prepared):
     out, manifest = prepared
     x, _ = load_split(out, "train")
-    t = batch_to_tensor(x, manifest["mean"], manifest["std"]).double()
+    t = Normaliser(manifest["mean"], manifest["std"])(x).double()
     torch.testing.assert_close(t.mean(dim=(0, 2, 3)), torch.zeros(3, dtype=torch.float64), atol=1e-5, rtol=0)
     torch.testing.assert_close(t.std(dim=(0, 2, 3), correction=0), torch.ones(3, dtype=torch.float64),
                                atol=1e-5, rtol=0)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -42,24 +41,6 @@ class Split:
         return len(self.y)
 
 
-def batch_to_tensor(x_uint8_batch, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (B,C,H,W) numpy array or tensor -> float32 tensor normalised per channel ((x/255 - mean)/std).
-
-    One fused scale-and-shift over the whole batch on the input's device: pass a tensor already moved to
-    the GPU to normalise there and transfer 4x fewer bytes."""
-    if isinstance(x_uint8_batch, np.ndarray):
-        if not x_uint8_batch.flags.writeable:  # e.g. a slice of the read-only memmap; torch wants writable
-            x_uint8_batch = np.array(x_uint8_batch)
-        x_uint8_batch = torch.from_numpy(x_uint8_batch)
-    if x_uint8_batch.dtype != torch.uint8 or x_uint8_batch.ndim != 4:
-        raise DataError(f"batch_to_tensor expects a uint8 (B,C,H,W) batch, got {x_uint8_batch.dtype}"
-                        f"{tuple(x_uint8_batch.shape)}")
-    device = x_uint8_batch.device
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    return x_uint8_batch.float().mul_(1.0 / (255.0 * std_t)).sub_(mean_t / std_t)
-
-
 @dataclass
 class Normaliser:
     """(x / 255 - mean) / std per channel, as one multiply and one subtract with factors made once per device
@@ -70,8 +51,14 @@ class Normaliser:
     _factors: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __call__(self, x_uint8) -> torch.Tensor:
-        if not isinstance(x_uint8, torch.Tensor) or x_uint8.dtype != torch.uint8 or x_uint8.ndim != 4:
-            return batch_to_tensor(x_uint8, self.mean, self.std)  # numpy input, or a bad one: checked there
+        """uint8 (B,C,H,W) numpy array or tensor -> float32 tensor on the input's device: pass a tensor already
+        moved to the GPU to normalise there and transfer 4x fewer bytes."""
+        if isinstance(x_uint8, np.ndarray):
+            if not x_uint8.flags.writeable:  # e.g. a slice of the read-only memmap; torch wants writable
+                x_uint8 = np.array(x_uint8)
+            x_uint8 = torch.from_numpy(x_uint8)
+        if x_uint8.dtype != torch.uint8 or x_uint8.ndim != 4:
+            raise DataError(f"Normaliser expects a uint8 (B,C,H,W) batch, got {x_uint8.dtype}{tuple(x_uint8.shape)}")
         device = x_uint8.device
         if device not in self._factors:
             mean = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
