@@ -177,3 +177,39 @@ def test_cpu_ranks_started_without_mpirun_yield_while_they_wait_unless_the_user_
         result = subprocess.run([sys.executable, "-c", MPI_DEFAULTS, backend], env=run_env, cwd=REPO, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr[-3000:]
         assert json.loads(result.stdout.strip().splitlines()[-1]) == {"yield": expected, "size": 1}
+
+
+HOROVOD_CYCLE = """
+import json, os
+import torch
+from hpcdl.backends import make_backend
+backend = make_backend("horovod")
+print(json.dumps({"rank": backend.rank, "cycle_ms": os.environ.get("HOROVOD_CYCLE_TIME"),
+                  "sum": backend.allreduce_sum(torch.full((2,), backend.rank + 1.0)).tolist(),
+                  "object": backend.broadcast_object(f"from {backend.rank}")}), flush=True)
+backend.barrier()
+backend.shutdown()
+"""
+
+
+def test_horovod_cycles_fast_on_cpu_only_where_a_rank_has_peers_to_wait_for():
+    """Horovod's background thread wakes every HOROVOD_CYCLE_TIME ms. On CPU hpcdl shortens it to 0.1 ms where
+    gradients cross ranks, and leaves a 1-rank run at 5 ms, where the wake-ups would only take the core from the
+    compute thread (two 1-rank runs side by side: 0.73 of twice one alone at 0.1 ms, 1.01-1.03 at 5 ms; P3's
+    ceiling row). The 1-rank collectives then return their result at once, and right; a user's value still wins."""
+    from hpcdl.backends import CPU_HOROVOD_CYCLE_TIME_MS, CPU_SINGLE_RANK_HOROVOD_CYCLE_TIME_MS
+
+    needs("horovod")
+    env = {k: v for k, v in mpi_env().items() if k != "HOROVOD_CYCLE_TIME"}
+    cases = [
+        (1, None, [{"rank": 0, "cycle_ms": CPU_SINGLE_RANK_HOROVOD_CYCLE_TIME_MS, "sum": [1.0, 1.0], "object": "from 0"}]),
+        (2, None, [{"rank": r, "cycle_ms": CPU_HOROVOD_CYCLE_TIME_MS, "sum": [3.0, 3.0], "object": "from 0"} for r in (0, 1)]),
+        (2, "2", [{"rank": r, "cycle_ms": "2", "sum": [3.0, 3.0], "object": "from 0"} for r in (0, 1)]),
+    ]
+    for ranks, user_value, expected in cases:
+        run_env = env if user_value is None else dict(env, HOROVOD_CYCLE_TIME=user_value)
+        result = subprocess.run(mpirun_command(ranks, sys.executable, "-c", HOROVOD_CYCLE), env=run_env, cwd=REPO,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        ranks_said = sorted((json.loads(found) for found in re.findall(r"\{[^{}]*\}", result.stdout)), key=lambda r: r["rank"])
+        assert ranks_said == expected, f"{ranks} rank(s), HOROVOD_CYCLE_TIME={user_value}"

@@ -7,7 +7,7 @@ local rank come from MPI itself (works under every launcher, no OMPI_*/SLURM_* g
   gloo (mpi_allreduce_hook, through DDP's own comm-hook API): gloo's TCP allreduce of LeNet-5's 62k gradients
   takes ~600 us on one node where Open MPI's shared memory takes ~40 us, on a step of ~5 ms.
 - HorovodBackend: Horovod's own recipe (hvd.DistributedOptimizer, broadcast_parameters), with a shorter
-  background cycle on CPU (CPU_HOROVOD_CYCLE_TIME_MS).
+  background cycle on CPU where ranks wait for each other (CPU_HOROVOD_CYCLE_TIME_MS) and a longer one for a lone rank.
 
 Measured in bench/p3_scaling.py, which runs both choices side by side (HPCDL_TORCH_CPU_ALLREDUCE=gloo, and
 HOROVOD_CYCLE_TIME=1, Horovod's default).
@@ -31,6 +31,11 @@ TORCH_CPU_ALLREDUCE_NAMES = ("mpi", "gloo")  # HPCDL_TORCH_CPU_ALLREDUCE: what s
 # CPU step then waits up to 1 ms for its allreduce to start. 0.1 ms measured best on 2 cores (P3, one run: 0.71 ->
 # 0.87 weak scaling); a user's HOROVOD_CYCLE_TIME wins. GPU jobs keep Horovod's default (their steps are not this short).
 CPU_HOROVOD_CYCLE_TIME_MS = "0.1"
+# ...but a 1-rank world has nothing to average, and the thread's wake-ups then only take the core from the compute
+# thread where cores are shared (other ranks, other jobs). Two 1-rank runs side by side on 2 cores (P3's ceiling
+# row) made 0.73 of twice one alone at 0.1 ms, 0.89-0.94 at 1 ms and 1.01-1.03 at 5 ms. A 1-rank Horovod run on CPU
+# therefore cycles every 5 ms, and its collectives (HorovodBackend.allreduce_sum, ...) return at once without Horovod.
+CPU_SINGLE_RANK_HOROVOD_CYCLE_TIME_MS = "5"
 # On CPU, MPI calls that wait give their core away (Open MPI's mpi_yield_when_idle, which mpirun's line in
 # hpcdl.launch also sets): a rank's compute thread shares its cores with Horovod's background thread and, on a busy
 # node, with other ranks. srun starts the ranks without mpirun, so the setting comes from the environment, read at
@@ -224,8 +229,9 @@ class HorovodBackend(Backend):
         import horovod.torch as hvd
 
         set_cpu_mpi_defaults()
-        if not torch.cuda.is_available():
-            os.environ.setdefault("HOROVOD_CYCLE_TIME", CPU_HOROVOD_CYCLE_TIME_MS)  # read by hvd.init()
+        if not torch.cuda.is_available():  # read by hvd.init(); MPI, initialised first, gives the world's size
+            several = mpi_comm().Get_size() > 1  # (Horovod then uses that MPI as it is)
+            os.environ.setdefault("HOROVOD_CYCLE_TIME", CPU_HOROVOD_CYCLE_TIME_MS if several else CPU_SINGLE_RANK_HOROVOD_CYCLE_TIME_MS)
         self.hvd = hvd
         hvd.init()
         self.rank, self.size, self.local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
@@ -279,16 +285,21 @@ class HorovodBackend(Backend):
             if buffer is not tensor:
                 tensor.copy_(buffer)
 
+    # One rank: the sum is the tensor and the broadcast the object itself, without waiting for Horovod's next
+    # background cycle (5 ms on CPU at this size: CPU_SINGLE_RANK_HOROVOD_CYCLE_TIME_MS).
     def allreduce_sum(self, tensor):
-        return self.hvd.allreduce(tensor, op=self.hvd.Sum)
+        return tensor if self.size == 1 else self.hvd.allreduce(tensor, op=self.hvd.Sum)
 
     def broadcast_object(self, obj, root=0):
+        if self.size == 1:
+            return obj
         # Horovod names the collective after type(obj) unless told: rank 0 sending a checkpoint dict while
         # the others pass None would then never match (a silent stall). One fixed name: calls are sequential.
         return self.hvd.broadcast_object(obj, root_rank=root, name="hpcdl.broadcast_object")
 
     def barrier(self):
-        self.hvd.barrier()
+        if self.size > 1:
+            self.hvd.barrier()
 
     def shutdown(self):
         self.hvd.shutdown()
