@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_or_fail
+from conftest import apt_install, require_or_fail
 
 CHROMIUM = "/usr/bin/chromium"
 # As the machine's probe starts it: no sandbox (root), no GPU, and no background traffic to hosts this network
@@ -32,8 +32,7 @@ def chromium() -> str:
     if not Path(CHROMIUM).exists() and shutil.which("apt-get") and Path("/etc/debian_version").exists():
         require_or_fail(subprocess.run(["id", "-u"], capture_output=True, text=True).stdout.strip() == "0", "installing chromium needs root")
         # Without recommends: they add avahi-daemon (a system user and an mDNS daemon) that a headless test never uses.
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"], capture_output=True, text=True, timeout=900,
-                       env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        apt_install("chromium", recommends=False)
     require_or_fail(Path(CHROMIUM).exists(), "Debian's chromium is not installed (apt-get install chromium)")
     return CHROMIUM
 

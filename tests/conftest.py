@@ -100,6 +100,15 @@ def require_or_fail(condition: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
+def apt_install(*packages: str, recommends: bool = True) -> None:
+    """Install Debian packages a fixture needs (as root), refreshing the package lists first, as scripts/setup.sh
+    and the cluster's set-up do: on a fresh machine the lists may be empty even where set-up installed nothing."""
+    env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True, timeout=900, env=env)
+    options = [] if recommends else ["--no-install-recommends"]
+    subprocess.run(["apt-get", "install", "-y", "-qq", *options, *packages], capture_output=True, text=True, timeout=900, env=env)
+
+
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
 

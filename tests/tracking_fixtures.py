@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from browser_fixtures import free_port, wait_for_http
-from conftest import require_or_fail
+from conftest import apt_install, require_or_fail
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,7 @@ class Postgres:
 def postgres():
     require_or_fail(os.geteuid() == 0 and Path("/etc/debian_version").exists(), "the tracking-server tests start PostgreSQL: root on Debian")
     if not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")):
-        subprocess.run(["apt-get", "install", "-y", "-qq", "postgresql"], capture_output=True, text=True, timeout=900,
-                       env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        apt_install("postgresql")
     binaries = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
     require_or_fail(bool(binaries), "Debian's postgresql is not installed")
     bin_dir = binaries[-1].parent
