@@ -46,6 +46,12 @@ def needs(backend):
 BACKENDS = ["torch", "horovod"]
 
 
+def rank_reports(stdout: str) -> list[dict]:
+    """The flat JSON object each rank printed. mpirun forwards the ranks' output in chunks, so two objects can share
+    a line: find the objects, not the lines."""
+    return [json.loads(found) for found in re.findall(r"\{[^{}]*\}", stdout)]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_two_ranks_with_half_batch_follow_one_rank_with_whole_batch(data_copy, tmp_path, backend):
     needs(backend)
@@ -121,9 +127,7 @@ def test_mixed_precision_step_skips_on_every_rank_when_one_rank_overflows(backen
     result = subprocess.run(mpirun_command(2, sys.executable, str(REPO / "tests" / "fp16_step.py"), backend), env=env,
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    # Every rank prints one flat JSON object; mpirun forwards the ranks' output in chunks, so two objects can share
-    # a line: find the objects, not the lines.
-    ranks = [json.loads(found) for found in re.findall(r"\{[^{}]*\}", result.stdout)]
+    ranks = rank_reports(result.stdout)
     assert sorted(r["rank"] for r in ranks) == [0, 1]
     for rank in ranks:
         assert rank["finite"] and not rank["changed"], f"rank {rank['rank']} stepped on overflowed gradients: {rank}"
@@ -211,5 +215,5 @@ def test_horovod_cycles_fast_on_cpu_only_where_a_rank_has_peers_to_wait_for():
         result = subprocess.run(mpirun_command(ranks, sys.executable, "-c", HOROVOD_CYCLE), env=run_env, cwd=REPO,
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        ranks_said = sorted((json.loads(found) for found in re.findall(r"\{[^{}]*\}", result.stdout)), key=lambda r: r["rank"])
+        ranks_said = sorted(rank_reports(result.stdout), key=lambda r: r["rank"])
         assert ranks_said == expected, f"{ranks} rank(s), HOROVOD_CYCLE_TIME={user_value}"
