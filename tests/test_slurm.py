@@ -12,11 +12,14 @@ Root on Debian (skipped elsewhere, failed under CI=true). About 4.5 minutes on 2
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -340,15 +343,18 @@ def test_walltime_signal_checkpoints_and_the_retry_resumes_the_same_run(slurm_pi
     """A 2-minute time limit with SIGUSR1 60 s before it (slurmctld checks limits about every 30 s, so it comes 60 to
     90 s before the end), and more epochs than one attempt can run: training stops after
     an epoch's checkpoint with exit 75, Snakemake's retry resumes from it in a new job, and the MLflow run goes on:
-    the same run id, every epoch logged at its step."""
+    the same run id, every epoch logged at its step.
+
+    The epochs are sized from the pipeline's own training on this cluster (same model, data and ranks): a fixed
+    count once finished inside the first attempt when epochs got faster, and the signal never came."""
     workdir, _ = slurm_pipeline
     results = workdir / "results"
     profile_variant(workdir, "slurm-test-short", user=slurm_user, train_runtime=2, walltime_signal_s=60)
-    epochs = 200  # 0.35-1 s each here: more than one 2-minute attempt holds
+    epochs = epochs_lasting(TRAINING_OUTLASTING_THE_SIGNAL_S, results / "train" / "metrics.json")
     (workdir / "walltime.yaml").write_text(f"train:\n  epochs: {epochs}\n  seed: 1\n")
     started = time.time()
-    args = ["--profile", "profiles/slurm-test-short", "--retries", "6", "--configfile", "config/config.yaml", "walltime.yaml", "--", "results/train/model.pt"]
-    run = run_snakemake(slurm_user, workdir, *args, timeout=1200)
+    args = ["--profile", "profiles/slurm-test-short", "--retries", "8", "--configfile", "config/config.yaml", "walltime.yaml", "--", "results/train/model.pt"]
+    run = run_snakemake(slurm_user, workdir, *args, timeout=1500)
     assert run.returncode == 0, (run.stdout + run.stderr)[-6000:]
     logs = [p.read_text() for p in (workdir / ".snakemake" / "slurm_logs" / "rule_train").glob("*.log") if p.stat().st_mtime > started]
     stops = [m for log in logs for m in re.findall(r"stopped on SIGUSR1 after epoch (\d+)/(\d+) of train", log)]
@@ -361,6 +367,18 @@ def test_walltime_signal_checkpoints_and_the_retry_resumes_the_same_run(slurm_pi
     steps = slurm_user.run([sys.executable, "-c", METRIC_STEPS, f"sqlite:///{results}/mlflow.db", run_id], cwd=results, timeout=300, check=True)
     status, *history = steps.stdout.split()
     assert status == "FINISHED" and sorted(set(map(int, history))) == list(range(epochs))
+
+
+# Seconds of training the walltime test asks for: more than the 55 s an attempt can train before the signal (it comes
+# at most 60 s after the job starts), even where epochs run 20 % faster than measured; 30 s or more train in each
+# attempt, so 9 attempts (--retries 8) leave room for epochs 2x slower than measured.
+TRAINING_OUTLASTING_THE_SIGNAL_S = 100
+
+
+def epochs_lasting(seconds: float, metrics_json: Path) -> int:
+    """Epochs that take about `seconds` at the median epoch time of the training recorded in `metrics_json`."""
+    per_epoch = statistics.median(record["epoch_seconds"] for record in json.loads(metrics_json.read_text())["history"])
+    return max(100, math.ceil(seconds / per_epoch))
 
 
 METRIC_STEPS = """
