@@ -59,7 +59,8 @@ def test_mlflow_holds_one_parent_run_with_a_child_per_stage(pipeline):
     assert links == {f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"}, links
 
     train = next(r for r in children.values() if r.info.run_name == "train")
-    assert train.data.params["train.lr"] == "0.05" and train.data.params["train.ranks"] == "2"
+    defaults = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["train"]
+    assert train.data.params["train.lr"] == str(defaults["lr"]) and train.data.params["train.ranks"] == str(defaults["ranks"]) == "2"
     assert train.data.tags["world_size"] == "2" and train.data.tags["backend"] == "horovod"
     for tag in ("git.commit", "git.dirty", "hostname", "torch.version", "snakemake.rule"):
         assert train.data.tags[tag], tag
