@@ -27,11 +27,11 @@ import pytest
 import yaml
 
 import hpcdl
+from conftest import DEFAULT_CONFIG as CONFIG
 from conftest import REPO, assert_results_meet_the_targets
 from container_fixtures import StageImage, file_sha256, image_label
 from slurm_fixtures import chown_tree, mlflow_runs, profile_variant, run_snakemake
 
-CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 # The default pipeline's stages, and those of `snakemake all onnx` (the local run in the image exports too).
 STAGES = ["fetch-pretrain", "fetch-finetune", "preprocess-pretrain", "preprocess-finetune", "train", "evaluate", "finetune"]
 STAGES_WITH_ONNX = [*STAGES, "export_onnx-train", "export_onnx-finetune"]

@@ -22,12 +22,11 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
+from conftest import DEFAULT_CONFIG as CONFIG
 from conftest import REPO, assert_results_meet_the_targets
 from slurm_fixtures import SNAKEMAKE, chown_tree, mlflow_runs, profile_variant, run_snakemake, squeue
 
-CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 RANKS = CONFIG["train"]["ranks"]
 STAGES = ["fetch-pretrain", "fetch-finetune", "preprocess-pretrain", "preprocess-finetune", "train", "evaluate", "finetune",
           "export_onnx-train", "export_onnx-finetune"]

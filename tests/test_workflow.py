@@ -14,7 +14,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, SNAKEMAKE, assert_results_meet_the_targets, mpi_env, snakemake
+from conftest import DEFAULT_CONFIG, REPO, SNAKEMAKE, assert_results_meet_the_targets, mpi_env, snakemake
 from hpcdl.launch import local_cores
 
 # What the runs table shows: the two fetch and preprocess runs are told apart by their role.
@@ -59,7 +59,7 @@ def test_mlflow_holds_one_parent_run_with_a_child_per_stage(pipeline):
     assert links == {f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"}, links
 
     train = next(r for r in children.values() if r.info.run_name == "train")
-    defaults = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["train"]
+    defaults = DEFAULT_CONFIG["train"]
     assert train.data.params["train.lr"] == str(defaults["lr"]) and train.data.params["train.ranks"] == str(defaults["ranks"]) == "2"
     assert train.data.tags["world_size"] == "2" and train.data.tags["backend"] == "horovod"
     for tag in ("git.commit", "git.dirty", "hostname", "torch.version", "snakemake.rule"):
