@@ -121,6 +121,13 @@ class SlurmCluster:
         """The folder that is /tmp on `node`."""
         return self.state_dir / "nodes" / node / "tmp"
 
+    def assert_nothing_of_rank_0_in_node_local_folders(self) -> None:
+        """Models, checkpoints, metrics, MLflow's store and plots go to the shared results folder; a node's /tmp
+        holds only what MPI and PMIx keep there while a job runs."""
+        for node in self.nodes:
+            leftovers = [p for p in self.node_tmp(node).rglob("*") if p.suffix in {".pt", ".json", ".db", ".npy", ".png", ".pkl"}]
+            assert not leftovers, (node, leftovers[:10])
+
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> SlurmCluster:

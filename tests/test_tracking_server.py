@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, SNAKEMAKE, assert_results_meet_the_targets
@@ -232,7 +233,11 @@ def runs_by_name(client: MlflowClient, experiment_id: str) -> dict:
 def test_server_down_during_train_then_the_sync_brings_every_run_in_once(tracking_server, tmp_path):
     alice = tracking_server.users["alice"]
     workdir = checkout_copy(tmp_path / "checkout")
-    config = ["--config", f"tracking_uri={tracking_server.uri}", "experiment=offline-study"]
+    # Short training: the subject is what the sync copies, not what training reaches (the targets are asserted by
+    # the online pipeline above); every stage still runs and logs, the baseline included.
+    short = tmp_path / "short.yaml"
+    short.write_text(yaml.safe_dump({"train": {"epochs": 3}, "finetune": {"epochs_frozen": 1, "epochs_unfrozen": 1}}))
+    config = ["--configfile", "config/config.yaml", str(short), "--config", f"tracking_uri={tracking_server.uri}", "experiment=offline-study"]
     data = snakemake_as(alice, workdir, *config, "--", "results/data/pretrain/manifest.json", "results/data/finetune/manifest.json")
     assert data.returncode == 0, (data.stdout + data.stderr)[-4000:]
     tracking_server.stop()
@@ -243,7 +248,7 @@ def test_server_down_during_train_then_the_sync_brings_every_run_in_once(trackin
     output = offline.stdout + offline.stderr
     assert offline.returncode == 0, output[-6000:]
     results = workdir / "results"
-    assert_results_meet_the_targets(results)
+    assert json.loads((results / "train" / "metrics.json").read_text())["epochs"] == 3
     train_log = (results / "logs" / "train.log").read_text()
     assert sum("cannot be reached from" in line and "logging offline to" in line for line in train_log.splitlines()) == 1, train_log[:3000]
     assert "run later: python -m hpcdl.mlflow_sync" in output, "the workflow's own sync found the server down and said what to do"
