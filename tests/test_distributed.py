@@ -159,36 +159,6 @@ def test_torch_backend_sums_cpu_gradients_through_mpi_and_gloo_trains_the_same_m
     assert not (tmp_path / "bad" / "model.pt").exists()
 
 
-def test_horovod_averages_cpu_gradients_in_one_flat_allreduce_or_through_its_hooks_to_the_same_model(data_copy, tmp_path):
-    """On CPU with several ranks Horovod averages all gradients in one flat allreduce after backward
-    (hpcdl.backends.HorovodBackend.average_flat), not through DistributedOptimizer's per-parameter hooks: the run
-    says which, both give the same training curve, fp16 compression of the flat buffer stays within fp16's
-    rounding of it, and a bad setting is refused by name."""
-    from mlflow.tracking import MlflowClient
-
-    needs("horovod")
-    common = dict(epochs=3, augment=[], warmup_epochs=0, backend="horovod", schedule="constant", momentum=0.9, lr=0.02)
-    losses = {}
-    for name, how, compression in (("flat", "flat", "none"), ("hooks", "hooks", "none"), ("flat-fp16", "flat", "fp16")):
-        out = tmp_path / name
-        command = mpirun_command(2, sys.executable, "-m", "hpcdl.train", *train_args(tmp_path, data_copy, out, train_config(compression=compression, **common)))
-        result = subprocess.run(command, env=mpi_env(HPCDL_HOROVOD_CPU_ALLREDUCE=how), cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-        losses[name] = history(out)
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id], order_by=["attributes.start_time ASC"])
-    assert [run.data.tags["gradient_allreduce"].split(", ")[1] for run in runs] == ["one flat allreduce after backward", "DistributedOptimizer", "one flat allreduce after backward"]
-    assert losses["flat"][-1] < losses["flat"][0] - 0.1, losses["flat"]
-    np.testing.assert_allclose(losses["hooks"], losses["flat"], rtol=1e-5)
-    np.testing.assert_allclose(losses["flat-fp16"], losses["flat"], rtol=1e-2)
-
-    command = mpirun_command(2, sys.executable, "-m", "hpcdl.train", *train_args(tmp_path, data_copy, tmp_path / "bad", train_config(**common)))
-    result = subprocess.run(command, env=mpi_env(HPCDL_HOROVOD_CPU_ALLREDUCE="fused"), cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0
-    assert "HPCDL_HOROVOD_CPU_ALLREDUCE='fused': choose one of flat, hooks" in result.stdout + result.stderr
-    assert not (tmp_path / "bad" / "model.pt").exists()
-
-
 MPI_DEFAULTS = """
 import json, os, sys
 from hpcdl.backends import make_backend

@@ -6,13 +6,11 @@ local rank come from MPI itself (works under every launcher, no OMPI_*/SLURM_* g
   free port are broadcast over MPI for the rendezvous. On CPU, DDP's gradient buckets are summed by MPI instead of
   gloo (mpi_allreduce_hook, through DDP's own comm-hook API): gloo's TCP allreduce of LeNet-5's 62k gradients
   takes ~600 us on one node where Open MPI's shared memory takes ~40 us, on a step of ~5 ms.
-- HorovodBackend: Horovod's own recipe (hvd.DistributedOptimizer, broadcast_parameters) on GPUs. On CPU with
-  several ranks, one hvd.allreduce_ of all gradients flattened into one buffer after backward instead
-  (HOROVOD_CPU_ALLREDUCE_NAMES), with a shorter background cycle where ranks wait for each other
-  (CPU_HOROVOD_CYCLE_TIME_MS) and a longer one for a lone rank.
+- HorovodBackend: Horovod's own recipe (hvd.DistributedOptimizer, broadcast_parameters), with a shorter
+  background cycle on CPU where ranks wait for each other (CPU_HOROVOD_CYCLE_TIME_MS) and a longer one for a lone rank.
 
-Measured in bench/p3_scaling.py, which runs each choice side by side with the default (HPCDL_TORCH_CPU_ALLREDUCE=gloo;
-HPCDL_HOROVOD_CPU_ALLREDUCE=hooks, alone and with HOROVOD_CYCLE_TIME=1, Horovod's default).
+Measured in bench/p3_scaling.py, which runs both choices side by side (HPCDL_TORCH_CPU_ALLREDUCE=gloo, and
+HOROVOD_CYCLE_TIME=1, Horovod's default).
 """
 
 from __future__ import annotations
@@ -46,16 +44,6 @@ CPU_SINGLE_RANK_HOROVOD_CYCLE_TIME_MS = "5"
 # A user's value wins.
 CPU_MPI_ENVIRONMENT = {"OMPI_MCA_mpi_yield_when_idle": "1"}
 COMPRESSION_NAMES = ("none", "fp16")  # Horovod allreduce compression
-# HPCDL_HOROVOD_CPU_ALLREDUCE: how Horovod averages the gradients of several CPU ranks (default flat).
-#   flat:  after backward, every gradient copied into one flat buffer, one hvd.allreduce_ (Average), copied back.
-#   hooks: hvd.DistributedOptimizer, Horovod's own: a hook per parameter hands each gradient to Horovod's
-#          background thread during backward, which negotiates them and fuses them into its own buffer.
-# The hooks overlap communication with backward, which pays on GPUs (kept there). On CPU the ranks' compute threads
-# share the cores with that background thread, and for a small model's ~10 tensors the per-tensor hooks,
-# negotiation and fusion copies cost more than the overlap saves: measured on 2 cores (a stand-alone 2-rank LeNet-5
-# loop, median per-rank samples/s, flat vs hooks: 6,048 vs 5,224 and 5,142 vs 4,620, flat faster in 9 of 10 paired
-# repeats; the pipeline's own figures: bench/p3_scaling.py). The copies are cheap (LeNet-5: 62k floats, 250 kB).
-HOROVOD_CPU_ALLREDUCE_NAMES = ("flat", "hooks")
 
 
 def set_cpu_mpi_defaults() -> None:
@@ -212,14 +200,6 @@ def mpi_allreduce_hook(comm, bucket):  # unannotated: DDP rejects annotations th
     return future
 
 
-def horovod_cpu_allreduce() -> str:
-    """How Horovod averages CPU gradients: HPCDL_HOROVOD_CPU_ALLREDUCE (flat, the default, or hooks)."""
-    name = os.environ.get("HPCDL_HOROVOD_CPU_ALLREDUCE", "flat")
-    if name not in HOROVOD_CPU_ALLREDUCE_NAMES:
-        raise ValueError(f"HPCDL_HOROVOD_CPU_ALLREDUCE={name!r}: choose one of {', '.join(HOROVOD_CPU_ALLREDUCE_NAMES)}")
-    return name
-
-
 class KeepLayout:
     """A Horovod compression that lets gradients of any memory layout through. Horovod's allreduce takes only
     contiguous tensors, and the gradients of channels-last weights are channels-last (PyTorch gives a gradient its
@@ -256,18 +236,15 @@ class HorovodBackend(Backend):
         hvd.init()
         self.rank, self.size, self.local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
         self.compression = KeepLayout(hvd.Compression.fp16 if compression == "fp16" else hvd.Compression.none)
-        # one flat allreduce after backward (CPU, several ranks) instead of DistributedOptimizer's hooks
-        self.flat = self.size > 1 and not torch.cuda.is_available() and horovod_cpu_allreduce() == "flat"
         if self.size > 1:
-            how = "one flat allreduce after backward" if self.flat else "DistributedOptimizer"
-            self.gradient_allreduce = f"horovod, {how}, HOROVOD_CYCLE_TIME={os.environ.get('HOROVOD_CYCLE_TIME', '1')} ms"
+            self.gradient_allreduce = f"horovod, HOROVOD_CYCLE_TIME={os.environ.get('HOROVOD_CYCLE_TIME', '1')} ms"
 
     def wrap(self, model, make_optimizer, grad_accum_steps):
         # Horovod hooks the parameters' gradient accumulators and offers no way to unhook them, so a second
         # phase on the same module (fine-tuning: frozen, then unfrozen) would allreduce every gradient twice.
         # Each phase therefore trains its own copy of the module, with the optimizer rebuilt on the copy.
         model = copy.deepcopy(model)
-        if self.size == 1 or self.flat:  # nothing to average, or averaged by step(): a plain optimizer
+        if self.size == 1:  # nothing to average: the per-parameter hooks and the background allreduce are overhead
             return model, make_optimizer(trainable_parameters(model))
         optimizer = self.hvd.DistributedOptimizer(
             make_optimizer(trainable_parameters(model)),
@@ -278,10 +255,6 @@ class HorovodBackend(Backend):
         return model, optimizer
 
     def step(self, optimizer, scaler=None):
-        if self.flat:  # averaged before the scaler reads them: every rank unscales, and skips, alike
-            self.average_flat([p for group in optimizer.param_groups for p in group["params"]])
-            super().step(optimizer, scaler)
-            return
         if scaler is None or self.size == 1:  # (a plain optimizer at world size 1: see wrap)
             super().step(optimizer, scaler)
             return
@@ -294,24 +267,6 @@ class HorovodBackend(Backend):
         with optimizer.skip_synchronize():
             scaler.step(optimizer)
         scaler.update()
-
-    def average_flat(self, params: list) -> None:
-        """Average the gradients of `params` over the ranks with one allreduce of a flat copy (compressed as the
-        run asks), written back into each gradient in its own layout. A parameter without a gradient gets zeros,
-        as DistributedOptimizer gives it: the buffer has the same size on every rank."""
-        grads = []
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        compressed, context = self.compression.inner.compress(flat)
-        self.hvd.allreduce_(compressed, op=self.hvd.Average, name="hpcdl.gradients")
-        flat = self.compression.inner.decompress(compressed, context)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view(g.shape))
-            offset += g.numel()
 
     def sync_initial_state(self, model, optimizer, resumed):
         """Rank 0's weights to every rank (Horovod's broadcast_parameters, through contiguous copies: Horovod's
