@@ -9,7 +9,7 @@ unprivileged test user:
    (`srun --mpi=pmix ... apptainer exec`, train and finetune across 2 nodes, each backend): every stage's MLflow
    run proves it ran inside the image (tags a stage writes only from inside it), names the image's path, sha256
    and the apptainer version; the local run meets the targets of the run on the host, the Slurm runs train short
-   (SHORT_TRAINING).
+   (SHORT_ON_TWO_NODES).
 Root on Debian (skipped elsewhere, failed under CI=true).
 """
 
@@ -36,9 +36,8 @@ from slurm_fixtures import chown_tree, mlflow_runs, profile_variant, run_snakema
 # The Slurm runs in the image train briefly: what they test is where and how each stage runs (a Slurm job each, srun
 # around apptainer exec on 2 nodes, both backends), not what training reaches. The accuracy targets are asserted by
 # the full-length runs: on the host (tests/test_workflow.py), on the host's Slurm (tests/test_slurm.py) and in the
-# image locally (below). Full length, the two cost 110 s more of CI on a 2-core AMD EPYC (README, Measured).
-SHORT_TRAINING = {"train": {"epochs": 2}, "finetune": {"epochs_frozen": 1, "epochs_unfrozen": 1, "baseline": False}}
-TWO_NODES = {"train": {"nodes": 2}, "finetune": {"nodes": 2}}
+# image locally (below). Full length, the two cost 129 s more of CI on a 2-core AMD EPYC (README, Measured).
+SHORT_ON_TWO_NODES = {"train": {"nodes": 2, "epochs": 2}, "finetune": {"nodes": 2, "epochs_frozen": 1, "epochs_unfrozen": 1, "baseline": False}}
 
 # The default pipeline's stages, and those of `snakemake all onnx` (the local run in the image exports too).
 STAGES = ["fetch-pretrain", "fetch-finetune", "preprocess-pretrain", "preprocess-finetune", "train", "evaluate", "finetune"]
@@ -192,13 +191,12 @@ def test_images_are_rebuilt_only_when_their_inputs_change(stage_image: StageImag
 # --- 3. the pipeline in the image -----------------------------------------------------------------------------------
 
 
-def merged(*sections: dict) -> dict:
-    """Config overrides, later sections' keys winning within each top-level section."""
-    result: dict = {}
-    for overrides in sections:
-        for section, values in overrides.items():
-            result[section] = {**result.get(section, {}), **values}
-    return result
+def assert_ran_on_both_nodes(run: dict, cluster) -> None:
+    """A train or finetune run that finished with its configured ranks, one on each node of the test cluster."""
+    tags = run["tags"]
+    assert run["status"] == "FINISHED", (run["name"], run["status"])
+    assert tags["world_size"] == str(CONFIG[run["name"]]["ranks"]) and tags["nodes"] == "2" and tags["ranks_per_node"] == "1", tags
+    assert tags["slurm.nodelist"] == "n[1-2]" and sorted(tags["hosts"].split(",")) == list(cluster.nodes), tags
 
 
 def assert_ran_in_the_image(runs: list[dict], image: StageImage, stages: list[str] = STAGES) -> list[dict]:
@@ -252,7 +250,7 @@ def test_pipeline_in_the_image_on_slurm(stage_image: StageImage, slurm_cluster, 
     node, each binding its own node's /tmp (workflow/scripts/rank-in-image.sh runs on the rank's node)."""
     workdir = slurm_workdir("apptainer-slurm")
     profile = profile_variant(workdir, "slurm-apptainer", slurm_user, apptainer=True)
-    (workdir / "two-nodes.yaml").write_text(yaml.safe_dump(merged(SHORT_TRAINING, TWO_NODES)))
+    (workdir / "two-nodes.yaml").write_text(yaml.safe_dump(SHORT_ON_TWO_NODES))
     chown_tree(workdir, slurm_user)
     started = time.monotonic()
     run = run_snakemake(slurm_user, workdir, "--profile", str(profile.relative_to(workdir)), "--verbose", "--configfile", "config/config.yaml", "two-nodes.yaml",
@@ -267,13 +265,11 @@ def test_pipeline_in_the_image_on_slurm(stage_image: StageImage, slurm_cluster, 
         if not run_["name"].startswith("fetch"):  # fetch is a localrule: on the submitting host, in the image
             assert run_["tags"].get("slurm.job_id") and run_["tags"].get("slurm.partition") == "debug", (run_["name"], run_["tags"])
     for stage in ("train", "finetune"):
-        tags = next(r for r in children if r["name"] == stage)["tags"]
-        assert tags["world_size"] == str(CONFIG[stage]["ranks"]) and tags["nodes"] == "2" and tags["slurm.nodelist"] == "n[1-2]", tags
+        assert_ran_on_both_nodes(next(r for r in children if r["name"] == stage), slurm_cluster)
         logs = list((workdir / ".snakemake" / "slurm_logs" / f"rule_{stage}").glob("*.log"))
         assert len(logs) == 1
         log = logs[0].read_text()
         assert re.search(r"srun --mpi=pmix -n 2 -N 2 --ntasks-per-node=1 --cpus-per-task=\d+ --kill-on-bad-exit=1 \S+/rank-in-image\.sh ", log), "host srun around apptainer exec"
-        assert sorted(tags["hosts"].split(",")) == list(slurm_cluster.nodes) and tags["ranks_per_node"] == "1", tags
     slurm_cluster.assert_nothing_of_rank_0_in_node_local_folders()
 
 
@@ -291,7 +287,7 @@ def test_torch_backend_across_two_nodes_in_the_image(stage_image: StageImage, sl
         elif source.exists():
             shutil.copy2(source, workdir / "results" / item)
     profile = profile_variant(workdir, "slurm-apptainer", slurm_user, apptainer=True)
-    (workdir / "torch.yaml").write_text(yaml.safe_dump(merged(SHORT_TRAINING, TWO_NODES, {"train": {"backend": "torch"}})))
+    (workdir / "torch.yaml").write_text(yaml.safe_dump({**SHORT_ON_TWO_NODES, "train": {**SHORT_ON_TWO_NODES["train"], "backend": "torch"}}))
     chown_tree(workdir, slurm_user)
     run = run_snakemake(slurm_user, workdir, "--profile", str(profile.relative_to(workdir)), "--configfile", "config/config.yaml", "torch.yaml",
                         "--config", f"container={stage_image.path}", "--", "results/finetune/metrics.json", timeout=1500)
@@ -301,10 +297,8 @@ def test_torch_backend_across_two_nodes_in_the_image(stage_image: StageImage, sl
     runs = mlflow_runs(slurm_user, workdir / "results")
     for stage in ("train", "finetune"):
         run_ = next(r for r in runs if r["name"] == stage)
-        tags = run_["tags"]
-        assert run_["status"] == "FINISHED" and tags["backend"] == "torch" and tags["hpcdl.image.sha256"] == stage_image.sha256, tags
-        assert tags["world_size"] == "2" and tags["nodes"] == "2" and tags["ranks_per_node"] == "1" and tags["slurm.nodelist"] == "n[1-2]", tags
-        assert sorted(tags["hosts"].split(",")) == list(slurm_cluster.nodes), tags
+        assert run_["tags"]["backend"] == "torch" and run_["tags"]["hpcdl.image.sha256"] == stage_image.sha256, run_["tags"]
+        assert_ran_on_both_nodes(run_, slurm_cluster)
     slurm_cluster.assert_nothing_of_rank_0_in_node_local_folders()
 
 
