@@ -111,6 +111,7 @@ def test_the_keys_a_sweep_may_vary_are_the_schemas():
         ({"finetune": {"init": "torchvision:resnet18"}}, "finetune.weights: null is not a mapping"),
         ({"finetune": {"weights": {"url": "https://x/y.pth", "sha256": "abc"}, "init": "torchvision:resnet18"}}, "finetune.weights.sha256: 'abc' does not match"),
         ({"container_sandbox": "/scratch/my images/hpcdl"}, "container_sandbox: '/scratch/my images/hpcdl' does not match"),
+        ({"train": {"backend": "torch", "compression": "fp16"}}, "train.compression: 'fp16' needs train.backend horovod"),
         ({"experimnet": "typo"}, "experimnet: unknown key (allowed: autoencode, container, container_sandbox, data, experiment,"),
     ],
 )

@@ -88,6 +88,11 @@ def rule_errors(config: dict) -> list[str]:
             if isinstance(ranks, int) and ranks % train["nodes"]:
                 lines.append(f"sweep.grid.train.ranks: {ranks} is not a multiple of train.nodes ({train['nodes']}): "
                              "the ranks are spread evenly over the nodes")
+    if isinstance(train, dict) and train.get("compression", "none") != "none":  # a setting that would do nothing
+        backends = [train.get("backend")] + list(grid.get("train.backend", []))
+        if "torch" in backends:
+            lines.append(f"train.compression: {_show(train['compression'])} needs train.backend horovod "
+                         "(allowed with torch: none; torch.distributed's gradients are not compressed)")
     return lines
 
 
