@@ -11,7 +11,11 @@ A backend's efficiency divided by that ceiling is the part the communication cos
 
 Each backend is also run the way it was before its CPU tuning (hpcdl.backends), to show what that buys:
 torch with gloo summing DDP's gradients (HPCDL_TORCH_CPU_ALLREDUCE=gloo) instead of MPI, horovod with Horovod's
-default cycle time (HOROVOD_CYCLE_TIME=1 ms) instead of 0.1 ms. --check judges the defaults only."""
+default cycle time (HOROVOD_CYCLE_TIME=1 ms) instead of 0.1 ms. --check judges the defaults only.
+
+--repeats N measures every variant N times in alternating rounds (1 rank, 2 ranks, untuned, ceiling; then again)
+and reports each ratio's median over the rounds with its range, each round's ratio taken from runs made minutes
+apart: on a machine whose throughput drifts from minute to minute, one reading of a setting says little."""
 
 from __future__ import annotations
 
@@ -66,39 +70,59 @@ def steady(process: subprocess.Popen, out: Path) -> float:
     return statistics.median(epoch["samples_per_second"] for epoch in history[1:])
 
 
-def throughput(root: Path, data: Path, backend: str, ranks: int, epochs: int, settings: dict | None = None) -> float:
-    return steady(*start(root, data, backend, ranks, epochs, f"{backend}-{ranks}{'-untuned' if settings else ''}", settings))
+def throughput(root: Path, data: Path, backend: str, ranks: int, epochs: int, tag: str, settings: dict | None = None) -> float:
+    return steady(*start(root, data, backend, ranks, epochs, f"{backend}-{ranks}{'-untuned' if settings else ''}{tag}", settings))
 
 
-def ceiling(root: Path, data: Path, backend: str, epochs: int) -> float:
+def ceiling(root: Path, data: Path, backend: str, epochs: int, tag: str) -> float:
     """Summed throughput of two independent 1-rank runs started together (their own MLflow stores, no MPI link)."""
-    runs = [start(root, data, backend, 1, epochs, f"{backend}-alone-{i}") for i in range(2)]
+    runs = [start(root, data, backend, 1, epochs, f"{backend}-alone-{i}{tag}") for i in range(2)]
     return sum(steady(*run) for run in runs)
+
+
+def one_round(root: Path, data: Path, backend: str, epochs: int, tag: str) -> dict:
+    """Each variant once, one after another: samples/s of 1 rank, 2 ranks, 2 untuned ranks, two runs apart."""
+    return {"one": throughput(root, data, backend, 1, epochs, tag), "two": throughput(root, data, backend, 2, epochs, tag),
+            "untuned": throughput(root, data, backend, 2, epochs, tag, UNTUNED[backend]), "apart": ceiling(root, data, backend, epochs, tag)}
+
+
+def spread(values: list[float], fmt: str = ".2f") -> str:
+    """The median, and the range where there are several readings."""
+    middle = format(statistics.median(values), fmt)
+    return middle if len(values) == 1 else f"{middle} (median of {len(values)}, {min(values):{fmt}}-{max(values):{fmt}})"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--check", action="store_true", help=f"exit 1 if an efficiency is below {TARGET}")
+    parser.add_argument("--repeats", type=int, default=1, help="alternating rounds of every variant; ratios are their medians")
+    parser.add_argument("--check", action="store_true", help=f"exit 1 if an efficiency (the median, with --repeats) is below {TARGET}")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats: {args.repeats} is not allowed (allowed: 1 or more)")
     backends = ["torch"] + (["horovod"] if importlib.util.find_spec("horovod") else [])
     worst = 1.0
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = prepare(root)
-        print(f"mnist5k, lenet5, per-rank batch 64, 1 thread per rank, {os.cpu_count()} cores, median of epochs 2..{args.epochs}")
+        print(f"mnist5k, lenet5, per-rank batch 64, 1 thread per rank, {os.cpu_count()} cores, median of epochs 2..{args.epochs}, "
+              f"{args.repeats} round{'s' if args.repeats > 1 else ''}")
+        rounds = {backend: [] for backend in backends}
+        for index in range(args.repeats):  # the backends alternate too, so a slow minute does not land on one of them
+            for backend in backends:
+                rounds[backend].append(one_round(root, data, backend, args.epochs, f"-{index}"))
         for backend in backends:
-            one = throughput(root, data, backend, 1, args.epochs)
-            two = throughput(root, data, backend, 2, args.epochs)
-            untuned = throughput(root, data, backend, 2, args.epochs, UNTUNED[backend])
-            apart = ceiling(root, data, backend, args.epochs)
-            efficiency = two / (2 * one)
-            worst = min(worst, efficiency)
-            print(f"{backend:8s} 1 rank {one:9,.0f} samples/s | 2 ranks {two:9,.0f} samples/s | speedup {two / one:.2f}x | weak-scaling efficiency {efficiency:.2f} (target >= {TARGET})")
+            readings = rounds[backend]
+            column = {key: [r[key] for r in readings] for key in readings[0]}
+            efficiency = [r["two"] / (2 * r["one"]) for r in readings]
+            limit = [r["apart"] / (2 * r["one"]) for r in readings]
+            worst = min(worst, statistics.median(efficiency))
+            print(f"{backend:8s} 1 rank {statistics.median(column['one']):9,.0f} samples/s | 2 ranks {statistics.median(column['two']):9,.0f} samples/s | "
+                  f"weak-scaling efficiency {spread(efficiency)} (target >= {TARGET})")
             before = " ".join(f"{key}={value}" for key, value in UNTUNED[backend].items())
-            print(f"{'':8s} 2 ranks with {before}: {untuned:9,.0f} samples/s, efficiency {untuned / (2 * one):.2f} (before the CPU tuning)")
-            print(f"{'':8s} 2 independent 1-rank runs together {apart:9,.0f} samples/s: ceiling {apart / (2 * one):.2f}; "
-                  f"efficiency / ceiling {efficiency / (apart / (2 * one)):.2f} (what communication costs)")
+            print(f"{'':8s} 2 ranks with {before}: efficiency {spread([r['untuned'] / (2 * r['one']) for r in readings])} (before the CPU tuning)")
+            print(f"{'':8s} 2 independent 1-rank runs together: ceiling {spread(limit)}; "
+                  f"efficiency / ceiling {spread([e / c for e, c in zip(efficiency, limit)])} (what communication costs)")
     return 1 if args.check and worst < TARGET else 0
 
 
