@@ -7,10 +7,11 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from conftest import mpirun, train_args, train_config
 from hpcdl.loop import autocast_context
-from hpcdl.models import MODEL_NAMES, build_model, replace_head, set_backbone_trainable
+from hpcdl.models import MODEL_NAMES, AdaptiveAvgPool2dSkippingIdentity, build_model, replace_head, set_backbone_trainable
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -27,6 +28,36 @@ def test_head_swap_and_freezing_touch_only_what_fine_tuning_needs(name):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("head.") for n in trainable)
     assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 4)
+
+
+def _textbook_lenet5(model: nn.Module) -> nn.Module:
+    """The same modules (the same weights) in the textbook order: conv, ReLU, max-pool, and a plain adaptive pool."""
+    conv1, pool1, relu1, conv2, pool2, relu2, adaptive, *rest = model.features
+    assert isinstance(pool1, nn.MaxPool2d) and isinstance(relu1, nn.ReLU) and isinstance(adaptive, AdaptiveAvgPool2dSkippingIdentity)
+    features = nn.Sequential(conv1, relu1, pool1, conv2, relu2, pool2, nn.AdaptiveAvgPool2d(adaptive.output_size), *rest)
+    return nn.Sequential(features, model.head)
+
+
+@pytest.mark.parametrize("size", [28, 32, 16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_lenet5_computes_the_textbook_function_and_gradients_exactly(size, memory_format):
+    """The pipeline's LeNet-5 pools before its ReLUs and skips an adaptive pool that would average 1x1 windows
+    (28x28 inputs): both are there for speed only, so its losses and gradients must be the textbook order's, bit for
+    bit, or training would silently follow another curve (and the bench would compare different maths)."""
+    torch.manual_seed(0)
+    model = build_model("lenet5", in_channels=1, image_size=size, num_classes=10).to(memory_format=memory_format)
+    x = torch.randn(64, 1, size, size).contiguous(memory_format=memory_format)
+    y = torch.randint(0, 10, (64,))
+    results = []
+    for variant in (model, _textbook_lenet5(model)):
+        variant.zero_grad()
+        loss = torch.nn.functional.cross_entropy(variant(x), y)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss, grads), (textbook_loss, textbook_grads) = results
+    assert torch.equal(loss, textbook_loss)
+    assert all(torch.equal(g, t) for g, t in zip(grads, textbook_grads, strict=True))
+    assert any(g.abs().sum() > 0 for g in grads)
 
 
 def test_fp16_off_gpu_is_refused_by_name():
