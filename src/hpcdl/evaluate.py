@@ -12,7 +12,8 @@ from hpcdl import tracking
 from hpcdl.atomic import atomic_write_json
 from hpcdl.cli import stage_parser
 from hpcdl.loop import predict
-from hpcdl.metrics import classification_report, plot_confusion, plot_misclassified
+from hpcdl.metrics import classification_report
+from hpcdl.plots import plot_confusion, plot_misclassified
 from hpcdl.stage_clock import StageClock
 from hpcdl.stage_runtime import load_data, load_model_file
 

@@ -19,9 +19,11 @@ from hpcdl.autoencoder import MODEL_KIND, classifier_from_encoder
 from hpcdl.checkpoint import CheckpointStore, config_digest
 from hpcdl.cli import stage_parser
 from hpcdl.data.download import sha256_file
+from hpcdl.evaluate import evaluate_model
 from hpcdl.loop import PhaseSpec, fit
 from hpcdl.models import TorchvisionBackbone, build_model, replace_head, set_backbone_trainable
 from hpcdl.optim import build_optimizer, build_schedule
+from hpcdl.plots import plot_finetune_curves
 from hpcdl.stage_clock import StageClock
 from hpcdl.stage_runtime import (
     MlflowEpochReporter,
@@ -143,9 +145,6 @@ def main(argv=None) -> int:
 
 def finish(model, baseline, arch, lineage, ft, manifest, splits, normalise, history, out_dir: Path, run) -> None:
     """Rank 0: test both models, log and register the fine-tuned one, then write the rule's outputs."""
-    from hpcdl.evaluate import evaluate_model  # scikit-learn and matplotlib: rank 0 only, at the end
-    from hpcdl.plots import plot_finetune_curves
-
     report = evaluate_model(model, manifest, splits, normalise, out_dir, title=f"fine-tuned {arch}", misclassified=False)
     metrics = {"test_accuracy": report["accuracy"], "test_loss": report["loss"], "test_macro_f1": report["macro_f1"]}
     summary = {"finetuned": report, "history": history, "lineage": lineage}

@@ -1,62 +1,56 @@
-"""Test-set reporting shared by the evaluate and finetune stages: scalar metrics, per-class precision/recall/F1,
-the confusion matrix, and the two PNGs (scikit-learn computes, matplotlib draws)."""
+"""Test-set reporting shared by the train, evaluate and finetune stages: scalar metrics, per-class
+precision/recall/F1 and the confusion matrix (its PNGs: hpcdl.plots).
+
+Computed here from the confusion matrix with numpy, not with scikit-learn's metrics module: importing
+sklearn.metrics costs ~0.7 s on top of torch and MLflow, and rank 0 paid it in train, finetune and evaluate, one
+after another on the default pipeline's critical path (issue 12, P4), for a bincount and three divisions.
+tests/test_metrics.py checks every number against scikit-learn's precision_recall_fscore_support
+(zero_division=0) and confusion_matrix."""
 
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-matplotlib.use("Agg")  # headless: compute nodes have no display
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix, precision_recall_fscore_support  # noqa: E402
+def confusion_matrix(labels, predicted, num_classes: int) -> np.ndarray:
+    """Counts of (true class, predicted class): rows are the true class, as scikit-learn's confusion_matrix with
+    labels=range(num_classes). A label or prediction outside 0..num_classes-1 is an error, not a dropped sample."""
+    labels = np.asarray(labels, dtype=np.int64)
+    predicted = np.asarray(predicted, dtype=np.int64)
+    if labels.shape != predicted.shape:
+        raise ValueError(f"{labels.shape[0]} labels but {predicted.shape[0]} predictions")
+    for name, values in (("label", labels), ("prediction", predicted)):
+        outside = values[(values < 0) | (values >= num_classes)]
+        if outside.size:
+            raise ValueError(f"{name} {outside[0]} is not a class index: {num_classes} classes, 0..{num_classes - 1}")
+    return np.bincount(labels * num_classes + predicted, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def _divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """numerator / denominator, 0 where the denominator is 0 (scikit-learn's zero_division=0)."""
+    out = np.zeros(len(numerator))
+    np.divide(numerator, denominator, out=out, where=denominator != 0)
+    return out
 
 
 def classification_report(logits: torch.Tensor, labels: np.ndarray, classes: list[str]) -> dict:
-    labels_t = torch.as_tensor(labels)
+    labels = np.asarray(labels)
     predicted = logits.argmax(1).numpy()
-    precision, recall, f1, support = precision_recall_fscore_support(
-        labels, predicted, labels=list(range(len(classes))), zero_division=0
-    )
+    matrix = confusion_matrix(labels, predicted, len(classes))
+    true_positives, support, predicted_count = np.diag(matrix), matrix.sum(axis=1), matrix.sum(axis=0)
+    precision = _divide(true_positives, predicted_count)
+    recall = _divide(true_positives, support)
+    f1 = _divide(2 * true_positives, support + predicted_count)  # = 2PR / (P + R), 0 where a class is nowhere
     return {
         "accuracy": float((predicted == labels).mean()),
-        "loss": float(F.cross_entropy(logits, labels_t).item()),
+        "loss": float(F.cross_entropy(logits, torch.as_tensor(labels)).item()),
         "n": int(len(labels)),
         "per_class": {
             name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
             for name, p, r, f, s in zip(classes, precision, recall, f1, support)
         },
         "macro_f1": float(f1.mean()),
-        "confusion_matrix": confusion_matrix(labels, predicted, labels=list(range(len(classes)))).tolist(),
+        "confusion_matrix": matrix.tolist(),
     }
-
-
-def plot_confusion(matrix, classes: list[str], path, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(classes), 1 + 0.6 * len(classes)), dpi=100)
-    ConfusionMatrixDisplay(np.asarray(matrix), display_labels=classes).plot(ax=ax, colorbar=False, cmap="Blues")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def plot_misclassified(images: np.ndarray, labels, predicted, classes: list[str], path, limit: int = 36) -> None:
-    """A grid of up to `limit` wrong test predictions, titled 'true -> predicted' (an empty note if none)."""
-    wrong = np.flatnonzero(np.asarray(labels) != np.asarray(predicted))[:limit]
-    cols = 6
-    rows = max(1, int(np.ceil(len(wrong) / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), dpi=100, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, index in zip(axes.flat, wrong):
-        image = images[index]
-        ax.imshow(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0), cmap="gray" if image.shape[0] == 1 else None)
-        ax.set_title(f"{classes[labels[index]]} -> {classes[predicted[index]]}", fontsize=8)
-    if len(wrong) == 0:
-        axes.flat[0].text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
-    fig.suptitle(f"misclassified test images ({len(wrong)} shown)")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

@@ -1,6 +1,7 @@
-"""Training-curve PNGs of the train and finetune stages (rule outputs shown in `snakemake --report`, and MLflow
-artifacts): loss and accuracy per epoch from a stage's history, and for fine-tuning the scratch baseline on the
-same axes with both test accuracies, so "does pretraining help?" is answered by one picture.
+"""The stages' PNGs (rule outputs shown in `snakemake --report`, and MLflow artifacts): the training curves of
+train and finetune (loss and accuracy per epoch from a stage's history, and for fine-tuning the scratch baseline on
+the same axes with both test accuracies, so "does pretraining help?" is answered by one picture), and the test
+split's confusion matrix and misclassified images (evaluate, finetune).
 
 Drawn on rank 0 at the end of a stage. matplotlib is imported only here, when a plot is drawn, and through
 matplotlib.figure.Figure rather than pyplot: no backend or display is chosen or needed (headless compute nodes),
@@ -84,5 +85,50 @@ def plot_finetune_curves(history: list[dict], epochs_frozen: int, baseline_histo
     bars.set_ylabel("test accuracy (%)")
     bars.set_title("test split")
     fig.suptitle(title)
+    _save(fig, path)
+    return Path(path)
+
+
+def plot_confusion(matrix, classes: list[str], path, *, title: str) -> Path:
+    """The confusion matrix (rows: true class) as a heat map with each cell's count, drawn as scikit-learn's
+    ConfusionMatrixDisplay draws it: light text on dark cells, dark text on light ones."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    matrix = np.asarray(matrix)
+    side = 1 + 0.6 * len(classes)
+    fig = Figure(figsize=(side, side), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(matrix, interpolation="nearest", cmap="Blues")
+    dark_text, light_text = image.cmap(1.0), image.cmap(0.0)
+    middle = (matrix.max() + matrix.min()) / 2
+    for (row, column), count in np.ndenumerate(matrix):
+        ax.text(column, row, f"{count}", ha="center", va="center", color=dark_text if count < middle else light_text)
+    ticks = range(len(classes))
+    ax.set(xticks=ticks, yticks=ticks, xticklabels=classes, yticklabels=classes, xlabel="Predicted label", ylabel="True label", title=title)
+    _save(fig, path)
+    return Path(path)
+
+
+def plot_misclassified(images, labels, predicted, classes: list[str], path, limit: int = 36) -> Path:
+    """A grid of up to `limit` wrong test predictions, titled 'true -> predicted' (an empty note if none)."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    wrong = np.flatnonzero(np.asarray(labels) != np.asarray(predicted))[:limit]
+    columns = 6
+    rows = max(1, -(-len(wrong) // columns))
+    fig = Figure(figsize=(1.6 * columns, 1.8 * rows), dpi=100, layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, index in zip(axes.flat, wrong):
+        image = images[index]
+        grey = image.shape[0] == 1
+        ax.imshow(image[0] if grey else image.transpose(1, 2, 0), cmap="gray" if grey else None)
+        ax.set_title(f"{classes[labels[index]]} -> {classes[predicted[index]]}", fontsize=8)
+    if len(wrong) == 0:
+        axes.flat[0].text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
+    fig.suptitle(f"misclassified test images ({len(wrong)} shown)")
     _save(fig, path)
     return Path(path)

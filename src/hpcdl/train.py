@@ -14,7 +14,9 @@ import mlflow
 from hpcdl.atomic import atomic_write_json
 from hpcdl.cli import stage_parser
 from hpcdl.loop import PhaseSpec, predict
+from hpcdl.metrics import classification_report
 from hpcdl.models import build_model, count_parameters
+from hpcdl.plots import plot_training_curves
 from hpcdl.single_model_stage import SingleModelStage, Trained, run_single_model_stage
 from hpcdl.stage_clock import StageClock
 from hpcdl.stage_runtime import log_model, model_record, run_on_all_ranks, save_model_file
@@ -56,9 +58,6 @@ def main(argv=None) -> int:
 
 def finish(model, cfg, manifest, splits, normalise, history, out_dir: Path, run, clock: StageClock | None = None, world_size: int | None = None) -> None:
     """Rank 0: log and register the model, then write the rule's outputs (last, so they mean 'complete')."""
-    from hpcdl.metrics import classification_report  # scikit-learn and matplotlib: rank 0 only, at the end
-    from hpcdl.plots import plot_training_curves
-
     val_logits = predict(model, splits["val"], normalise)
     val_report = classification_report(val_logits, splits["val"].y, manifest["classes"])
     mlflow.log_metrics({"final_val_accuracy": val_report["accuracy"], "final_val_loss": val_report["loss"]})
