@@ -30,27 +30,34 @@ def test_head_swap_and_freezing_touch_only_what_fine_tuning_needs(name):
     assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 4)
 
 
-def _textbook_lenet5(model: nn.Module) -> nn.Module:
-    """The same modules (the same weights) in the textbook order: conv, ReLU, max-pool, and a plain adaptive pool."""
-    conv1, pool1, relu1, conv2, pool2, relu2, adaptive, *rest = model.features
-    assert isinstance(pool1, nn.MaxPool2d) and isinstance(relu1, nn.ReLU) and isinstance(adaptive, AdaptiveAvgPool2dSkippingIdentity)
-    features = nn.Sequential(conv1, relu1, pool1, conv2, relu2, pool2, nn.AdaptiveAvgPool2d(adaptive.output_size), *rest)
-    return nn.Sequential(features, model.head)
+def _textbook_order(model: nn.Module) -> nn.Module:
+    """The same modules (the same weights) in the textbook order: each ReLU before the max-pool it follows here, and
+    a plain adaptive pool."""
+    layers = list(model.features)
+    pairs = [i for i in range(len(layers) - 1) if isinstance(layers[i], nn.MaxPool2d) and isinstance(layers[i + 1], nn.ReLU)]
+    assert len(pairs) == 2, "both models pool before the ReLU that ends each convolution block"
+    for i in pairs:
+        layers[i], layers[i + 1] = layers[i + 1], layers[i]
+    layers = [nn.AdaptiveAvgPool2d(layer.output_size) if isinstance(layer, AdaptiveAvgPool2dSkippingIdentity) else layer for layer in layers]
+    return nn.Sequential(nn.Sequential(*layers), model.head)
 
 
 @pytest.mark.parametrize("size", [28, 32, 16])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_lenet5_computes_the_textbook_function_and_gradients_exactly(size, memory_format):
-    """The pipeline's LeNet-5 pools before its ReLUs and skips an adaptive pool that would average 1x1 windows
-    (28x28 inputs): both are there for speed only, so its losses and gradients must be the textbook order's, bit for
-    bit, or training would silently follow another curve (and the bench would compare different maths)."""
+@pytest.mark.parametrize("name", ["lenet5", "cnn"])
+def test_convolution_blocks_compute_the_textbook_function_and_gradients_exactly(name, size, memory_format):
+    """LeNet-5 and SmallCNN max-pool before the ReLU that ends each convolution block, and LeNet-5 skips an
+    adaptive pool that would average 1x1 windows (28x28 inputs): both are there for speed only, so losses and
+    gradients must be the textbook order's, bit for bit, or training would silently follow another curve (and the
+    bench would compare different maths). Training mode: batch norm's batch statistics, dropout's mask (seeded)."""
     torch.manual_seed(0)
-    model = build_model("lenet5", in_channels=1, image_size=size, num_classes=10).to(memory_format=memory_format)
+    model = build_model(name, in_channels=1, image_size=size, num_classes=10).to(memory_format=memory_format)
     x = torch.randn(64, 1, size, size).contiguous(memory_format=memory_format)
     y = torch.randint(0, 10, (64,))
     results = []
-    for variant in (model, _textbook_lenet5(model)):
+    for variant in (model, _textbook_order(model)):
         variant.zero_grad()
+        torch.manual_seed(1)
         loss = torch.nn.functional.cross_entropy(variant(x), y)
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
