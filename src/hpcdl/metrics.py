@@ -1,5 +1,5 @@
-"""Test-set reporting shared by the train, evaluate and finetune stages: scalar metrics, per-class
-precision/recall/F1 and the confusion matrix (its PNGs: hpcdl.plots).
+"""A split's report, shared by train (the validation split), evaluate and finetune (the test split): scalar
+metrics, per-class precision/recall/F1 and the confusion matrix (its PNGs: hpcdl.plots).
 
 Computed here from the confusion matrix with numpy, not with scikit-learn's metrics module: importing
 sklearn.metrics costs ~0.7 s on top of torch and MLflow, and rank 0 paid it in train, finetune and evaluate, one
@@ -20,7 +20,7 @@ def confusion_matrix(labels, predicted, num_classes: int) -> np.ndarray:
     labels = np.asarray(labels, dtype=np.int64)
     predicted = np.asarray(predicted, dtype=np.int64)
     if labels.shape != predicted.shape:
-        raise ValueError(f"{labels.shape[0]} labels but {predicted.shape[0]} predictions")
+        raise ValueError(f"{labels.size} labels but {predicted.size} predictions")
     for name, values in (("label", labels), ("prediction", predicted)):
         outside = values[(values < 0) | (values >= num_classes)]
         if outside.size:
