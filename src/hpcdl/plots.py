@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from hpcdl.atomic import atomic_output
 
 # One colour per model, one line style per split: the same reading in every curves plot.
@@ -20,10 +22,15 @@ SPLIT_STYLES = {"train": "-", "validation": "--"}
 PANELS = (("loss", "loss", "val_loss"), ("accuracy", "accuracy", "val_accuracy"))
 
 
-def _figure(panels: int):
+def _new_figure(width: float, height: float):
+    """Every PNG's figure: inches at 100 dpi, laid out by matplotlib's constrained layout."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(4.2 * panels, 3.6), dpi=100, layout="constrained")
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _figure(panels: int):
+    fig = _new_figure(4.2 * panels, 3.6)
     return fig, fig.subplots(1, panels, squeeze=False)[0]
 
 
@@ -92,12 +99,9 @@ def plot_finetune_curves(history: list[dict], epochs_frozen: int, baseline_histo
 def plot_confusion(matrix, classes: list[str], path, *, title: str) -> Path:
     """The confusion matrix (rows: true class) as a heat map with each cell's count, drawn as scikit-learn's
     ConfusionMatrixDisplay draws it: light text on dark cells, dark text on light ones."""
-    import numpy as np
-    from matplotlib.figure import Figure
-
     matrix = np.asarray(matrix)
     side = 1 + 0.6 * len(classes)
-    fig = Figure(figsize=(side, side), dpi=100, layout="constrained")
+    fig = _new_figure(side, side)
     ax = fig.subplots()
     image = ax.imshow(matrix, interpolation="nearest", cmap="Blues")
     dark_text, light_text = image.cmap(1.0), image.cmap(0.0)
@@ -112,13 +116,10 @@ def plot_confusion(matrix, classes: list[str], path, *, title: str) -> Path:
 
 def plot_misclassified(images, labels, predicted, classes: list[str], path, limit: int = 36) -> Path:
     """A grid of up to `limit` wrong test predictions, titled 'true -> predicted' (an empty note if none)."""
-    import numpy as np
-    from matplotlib.figure import Figure
-
     wrong = np.flatnonzero(np.asarray(labels) != np.asarray(predicted))[:limit]
     columns = 6
     rows = max(1, -(-len(wrong) // columns))
-    fig = Figure(figsize=(1.6 * columns, 1.8 * rows), dpi=100, layout="constrained")
+    fig = _new_figure(1.6 * columns, 1.8 * rows)
     axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
