@@ -5,8 +5,10 @@ by every MPI rank at once without copies, and normalised per batch on the fly by
 batch tensor ops, no per-sample PIL work). manifest.json is written last, so it existing means every
 split file is complete; it carries the sha256 of each file, the class counts and the train mean/std.
 
-torch is imported only to convert (resize, change channels): a dataset already at the configured size is written
-with numpy alone, which spares rule preprocess torch's import (1.5 s on the host, ~4 s from the SIF)."""
+Images are resized with Pillow, not torch: Pillow's antialiased bilinear filter is the one torch's
+`interpolate(..., antialias=True)` reproduces (the two agree to 1e-3 before rounding, tests/test_data_prepare.py), and
+rule preprocess then never imports torch (1.4 s on the host, ~4 s from the SIF, on the critical path of the default
+pipeline: train waits for both datasets' preprocess jobs)."""
 
 from __future__ import annotations
 
@@ -19,27 +21,18 @@ from hpcdl.atomic import atomic_output, atomic_write_json
 from hpcdl.data.download import ChecksumError, sha256_file
 from hpcdl.data.formats import DataError
 
-
-def _torchvision_functional():
-    """torchvision's tensor transforms, imported when preprocessing needs them: the training ranks, which import
-    this module for load_split, would otherwise pay torchvision's import (about 2 s) at every start."""
-    import torchvision.transforms.v2.functional as functional
-
-    return functional
-
-
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
-CONVERT_CHUNK = 1024  # images per interpolate call: bounds the float32 working memory
+LUMA_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601, as torchvision's rgb_to_grayscale
 
 
 # --- transforms -----------------------------------------------------------------------------------------
 def convert(images: np.ndarray, *, image_size: int, channels: int) -> np.ndarray:
     """uint8 (N,C,H,W) -> uint8 (N,channels,image_size,image_size).
 
-    RGB->gray uses the ITU-R 601 luma weights (torchvision's rgb_to_grayscale), gray->RGB repeats the
-    channel; resizing is bilinear with antialiasing so downscaling does not alias. Work happens in float32
-    chunks, rounded and clipped back to uint8."""
+    RGB->gray uses the ITU-R 601 luma weights, gray->RGB repeats the channel; resizing is bilinear with
+    antialiasing (Pillow's filter, whose support widens when downscaling) so downscaling does not alias. One image
+    at a time in float32, rounded half to even and clipped back to uint8: the working memory is one image's."""
     if images.dtype != np.uint8 or images.ndim != 4:
         raise DataError(f"convert expects uint8 (N,C,H,W) images, got {images.dtype}{images.shape}")
     if channels not in (1, 3) or images.shape[1] not in (1, 3):
@@ -49,20 +42,20 @@ def convert(images: np.ndarray, *, image_size: int, channels: int) -> np.ndarray
     n, c, h, w = images.shape
     if c == channels and h == w == image_size:
         return np.ascontiguousarray(images)
-    import torch
-    import torch.nn.functional as F
+    from PIL import Image
+
+    def resized(plane: np.ndarray) -> np.ndarray:  # float32 (H, W): Pillow's mode F, computed in floating point
+        return np.asarray(Image.fromarray(plane).resize((image_size, image_size), Image.Resampling.BILINEAR))
 
     out = np.empty((n, channels, image_size, image_size), dtype=np.uint8)
-    for start in range(0, n, CONVERT_CHUNK):
-        x = torch.from_numpy(np.ascontiguousarray(images[start:start + CONVERT_CHUNK])).float()
+    weights = np.array(LUMA_WEIGHTS, dtype=np.float32)[:, None, None]
+    for i in range(n):
+        planes = images[i].astype(np.float32)
         if c == 3 and channels == 1:  # reduce before resizing: a third of the interpolation work
-            x = _torchvision_functional().rgb_to_grayscale(x)
+            planes = (planes * weights).sum(axis=0, keepdims=True)
         if (h, w) != (image_size, image_size):
-            x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True,
-                              align_corners=False)
-        if c == 1 and channels == 3:  # expand after resizing, for the same reason
-            x = _torchvision_functional().grayscale_to_rgb(x)
-        out[start:start + len(x)] = x.round_().clamp_(0, 255).to(torch.uint8).numpy()
+            planes = np.stack([resized(plane) for plane in planes])
+        out[i] = np.clip(np.rint(planes), 0, 255)  # (1, S, S) broadcasts over 3 channels: gray -> RGB after resizing
     return out
 
 
