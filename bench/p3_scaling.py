@@ -13,6 +13,11 @@ Each backend is also run the way it was before its CPU tuning (hpcdl.backends), 
 torch with gloo summing DDP's gradients (HPCDL_TORCH_CPU_ALLREDUCE=gloo) instead of MPI, horovod with Horovod's
 default cycle time (HOROVOD_CYCLE_TIME=1 ms) instead of 0.1 ms. --check judges the defaults only.
 
+Then it decomposes what a synchronous step costs, outside the pipeline (bench/p3_lockstep.py: rule train's step on
+the same data, 1 and 2 ranks): two ranks that never communicate, two that wait for each other every step
+(MPI_Barrier, nothing exchanged: the limit for any synchronous data-parallel scheme), and two that also sum their
+gradients with one MPI_Allreduce (the torch backend's hook), with that Allreduce's own time per step.
+
 --repeats N measures every variant N times in alternating rounds (1 rank, 2 ranks, untuned, ceiling; then again)
 and reports each ratio's median over the rounds with its range, each round's ratio taken from runs made minutes
 apart: on a machine whose throughput drifts from minute to minute, one reading of a setting says little."""
@@ -80,6 +85,24 @@ def ceiling(root: Path, data: Path, backend: str, epochs: int, tag: str) -> floa
     return sum(steady(*run) for run in runs)
 
 
+LOCKSTEP_STEPS = 600
+
+
+def lockstep(data: Path, ranks: int) -> dict:
+    """bench/p3_lockstep.py under the local launcher: samples/s of all ranks per mode (and the Allreduce's own time)."""
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    command = [*LOCAL_MPIRUN.split(), "-n", str(ranks), sys.executable, str(REPO / "bench" / "p3_lockstep.py"), str(data), str(LOCKSTEP_STEPS)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
+    if done.returncode != 0:
+        raise SystemExit(f"p3_lockstep.py with {ranks} ranks failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def lockstep_round(data: Path) -> dict:
+    """One rank alone, then two ranks in every mode of bench/p3_lockstep.py."""
+    return {"one": lockstep(data, 1)["alone"], **lockstep(data, 2)}
+
+
 def one_round(root: Path, data: Path, backend: str, epochs: int, tag: str) -> dict:
     """Each variant once, one after another: samples/s of 1 rank, 2 ranks, 2 untuned ranks, two runs apart."""
     return {"one": throughput(root, data, backend, 1, epochs, tag), "two": throughput(root, data, backend, 2, epochs, tag),
@@ -108,9 +131,11 @@ def main(argv=None) -> int:
         print(f"mnist5k, lenet5, per-rank batch 64, 1 thread per rank, {os.cpu_count()} cores, median of epochs 2..{args.epochs}, "
               f"{args.repeats} round{'s' if args.repeats > 1 else ''}")
         rounds = {backend: [] for backend in backends}
+        steps = []
         for index in range(args.repeats):  # the backends alternate too, so a slow minute does not land on one of them
             for backend in backends:
                 rounds[backend].append(one_round(root, data, backend, args.epochs, f"-{index}"))
+            steps.append(lockstep_round(data))
         for backend in backends:
             readings = rounds[backend]
             column = {key: [r[key] for r in readings] for key in readings[0]}
@@ -123,6 +148,13 @@ def main(argv=None) -> int:
             print(f"{'':8s} 2 ranks with {before}: efficiency {spread([r['untuned'] / (2 * r['one']) for r in readings])} (before the CPU tuning)")
             print(f"{'':8s} 2 independent 1-rank runs together: ceiling {spread(limit)}; "
                   f"efficiency / ceiling {spread([e / c for e, c in zip(efficiency, limit)])} (what communication costs)")
+        print(f"the step alone (bench/p3_lockstep.py: rule train's step, {LOCKSTEP_STEPS} steps), 2 ranks vs twice 1 rank "
+              f"({statistics.median(r['one'] for r in steps):,.0f} samples/s):")
+        print(f"{'':8s} never communicating {spread([r['alone'] / (2 * r['one']) for r in steps])}; "
+              f"waiting for each other every step (MPI_Barrier) {spread([r['lockstep'] / (2 * r['one']) for r in steps])}; "
+              f"+ one MPI_Allreduce of the gradients {spread([r['summed'] / (2 * r['one']) for r in steps])}")
+        print(f"{'':8s} that Allreduce alone, after the barrier: {spread([r['allreduce_us_median'] for r in steps], '.0f')} us a step "
+              f"(90th percentile {spread([r['allreduce_us_p90'] for r in steps], '.0f')} us)")
     return 1 if args.check and worst < TARGET else 0
 
 
