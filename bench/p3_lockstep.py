@@ -6,8 +6,9 @@ per-rank batch, 1 thread) on the same batches, in three modes, one after another
 - alone: no communication at all (the ranks never wait for each other);
 - lockstep: an MPI_Barrier after every backward, so each step waits for the slower rank, and nothing is exchanged;
 - summed: the gradients copied into one flat buffer and summed by one in-place MPI_Allreduce after every backward,
-  what the torch backend's hook (hpcdl.backends.mpi_allreduce_hook) does with DDP's single bucket; the seconds
-  each Allreduce takes after a barrier (its own cost, without the wait for the slower rank) are reported too.
+  what the torch backend's hook (hpcdl.backends.mpi_allreduce_hook) does with DDP's single bucket; the time of
+  that sum after a barrier (its own cost without the wait for the slower rank, the copies into and out of the flat
+  buffer included, as DDP copies into and out of its bucket) is reported too.
 The ratios to twice one rank alone say what lockstep itself costs on this machine and what the sum adds: no
 communication scheme for synchronous data parallelism beats the lockstep row."""
 

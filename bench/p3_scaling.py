@@ -16,7 +16,7 @@ default cycle time (HOROVOD_CYCLE_TIME=1 ms) instead of 0.1 ms. --check judges t
 Then it decomposes what a synchronous step costs, outside the pipeline (bench/p3_lockstep.py: rule train's step on
 the same data, 1 and 2 ranks): two ranks that never communicate, two that wait for each other every step
 (MPI_Barrier, nothing exchanged: the limit for any synchronous data-parallel scheme), and two that also sum their
-gradients with one MPI_Allreduce (the torch backend's hook), with that Allreduce's own time per step.
+gradients with one MPI_Allreduce (the torch backend's hook), with that sum's own time per step.
 
 --repeats N measures every variant N times in alternating rounds (1 rank, 2 ranks, untuned, ceiling; then again)
 and reports each ratio's median over the rounds with its range, each round's ratio taken from runs made minutes
@@ -89,7 +89,7 @@ LOCKSTEP_STEPS = 600
 
 
 def lockstep(data: Path, ranks: int) -> dict:
-    """bench/p3_lockstep.py under the local launcher: samples/s of all ranks per mode (and the Allreduce's own time)."""
+    """bench/p3_lockstep.py under the local launcher: samples/s of all ranks per mode (and the sum's own time)."""
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     command = [*LOCAL_MPIRUN.split(), "-n", str(ranks), sys.executable, str(REPO / "bench" / "p3_lockstep.py"), str(data), str(LOCKSTEP_STEPS)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
         print(f"{'':8s} never communicating {spread([r['alone'] / (2 * r['one']) for r in steps])}; "
               f"waiting for each other every step (MPI_Barrier) {spread([r['lockstep'] / (2 * r['one']) for r in steps])}; "
               f"+ one MPI_Allreduce of the gradients {spread([r['summed'] / (2 * r['one']) for r in steps])}")
-        print(f"{'':8s} that Allreduce alone, after the barrier: {spread([r['allreduce_us_median'] for r in steps], '.0f')} us a step "
+        print(f"{'':8s} that sum alone (after the barrier; the Allreduce and its copies into and out of one flat buffer): {spread([r['allreduce_us_median'] for r in steps], '.0f')} us a step "
               f"(90th percentile {spread([r['allreduce_us_p90'] for r in steps], '.0f')} us)")
     return 1 if args.check and worst < TARGET else 0
 
