@@ -57,13 +57,18 @@ def prepare(root: Path) -> Path:
 UNTUNED = {"torch": {"HPCDL_TORCH_CPU_ALLREDUCE": "gloo"}, "horovod": {"HOROVOD_CYCLE_TIME": "1"}}
 
 
+def local_mpirun(ranks: int, *argv: str, settings: dict | None = None) -> tuple[list[str], dict]:
+    """(command, environment) that start `ranks` ranks of `python argv...` with the local rule's launcher (as root too)."""
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", **(settings or {}))
+    return [*LOCAL_MPIRUN.split(), "-n", str(ranks), sys.executable, *argv], env
+
+
 def start(root: Path, data: Path, backend: str, ranks: int, epochs: int, name: str, settings: dict | None = None) -> tuple[subprocess.Popen, Path]:
     cfg = copy.deepcopy(yaml.safe_load((REPO / "config" / "config.yaml").read_text())["train"])
     cfg.update(backend=backend, ranks=ranks, threads_per_rank=1, epochs=epochs, augment=[])
     out = root / name
     params = {"mlflow": {"tracking_uri": f"sqlite:///{out}.db", "experiment": "p3"}, "train": cfg}
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", **(settings or {}))
-    command = [*LOCAL_MPIRUN.split(), "-n", str(ranks), sys.executable, "-m", "hpcdl.train", "--params", json.dumps(params), "--data-dir", str(data), "--out-dir", str(out)]
+    command, env = local_mpirun(ranks, "-m", "hpcdl.train", "--params", json.dumps(params), "--data-dir", str(data), "--out-dir", str(out), settings=settings)
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO), out
 
 
@@ -90,8 +95,7 @@ LOCKSTEP_STEPS = 600
 
 def lockstep(data: Path, ranks: int) -> dict:
     """bench/p3_lockstep.py under the local launcher: samples/s of all ranks per mode (and the sum's own time)."""
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    command = [*LOCAL_MPIRUN.split(), "-n", str(ranks), sys.executable, str(REPO / "bench" / "p3_lockstep.py"), str(data), str(LOCKSTEP_STEPS)]
+    command, env = local_mpirun(ranks, str(REPO / "bench" / "p3_lockstep.py"), str(data), str(LOCKSTEP_STEPS))
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0:
         raise SystemExit(f"p3_lockstep.py with {ranks} ranks failed:\n{done.stderr[-3000:]}")
