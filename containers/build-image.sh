@@ -54,10 +54,15 @@ key=$( { for f in "$DEF" "${INPUTS[@]}"; do
          done
          printf '%s\n' "${BUILD_ARGS[@]}" "${HPCDL_MKSQUASHFS_ARGS:-}" "$("$APPTAINER" --version)"; } | sha256sum | cut -c1-24)
 name=$(basename "$OUT" .sif)
+sha256_of() {  # the hex digest of a file: OpenSSL's when there is one (SHA-NI: 2.5 s for a 3.3 GB image where
+    # coreutils' sha256sum, which has no such code path in Debian 12, takes 10.5 s), else sha256sum's
+    if command -v openssl >/dev/null; then openssl dgst -sha256 -r "$1" | cut -d' ' -f1; else sha256sum "$1" | cut -d' ' -f1; fi
+}
 finish_image() {  # OUT.partial -> OUT, then OUT.sha256 (sha256sum format, name relative), each by rename
     mv -f "$OUT.partial" "$OUT"
-    (cd "$(dirname "$OUT")" && sha256sum "$(basename "$OUT")" > "$(basename "$OUT").sha256.partial" \
-        && mv -f "$(basename "$OUT").sha256.partial" "$(basename "$OUT").sha256")
+    local digest; digest=$(sha256_of "$OUT")
+    [[ $digest =~ ^[0-9a-f]{64}$ ]] || { echo "build-image: could not compute the sha256 of $OUT" >&2; exit 1; }
+    printf '%s  %s\n' "$digest" "$(basename "$OUT")" > "$OUT.sha256.partial" && mv -f "$OUT.sha256.partial" "$OUT.sha256"
 }
 if [[ -n ${HPCDL_IMAGE_CACHE:-} && -f $HPCDL_IMAGE_CACHE/$name-$key.sif ]]; then
     log "image cache hit: $HPCDL_IMAGE_CACHE/$name-$key.sif"
