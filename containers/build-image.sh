@@ -25,7 +25,7 @@
 #                     through squashfuse every page of torch's libraries a stage touches, at every stage start,
 #                     and lz4 decompresses several times faster than zstd: the stages that import torch start
 #                     1-2 s sooner than from zstd level 3 (README, Measured, P8), for an image 18% larger (3.9 vs
-#                     3.3 GB); squashing the 6.7 GB also takes half the time. Readable by squashfuse and by
+#                     3.3 GB) that takes a little longer to write. Readable by squashfuse and by
 #                     kernels >= 3.19. "-comp zstd -Xcompression-level 3" for the smaller image; "-comp gzip"
 #                     for older kernels with a setuid Apptainer.)
 #   HPCDL_IMAGE_CACHE a folder of finished images keyed by sha256(inputs + build arguments); a hit is copied
