@@ -39,7 +39,10 @@ if [[ -x $VENV/bin/python && $(cat "$VENV/.hpcdl-setup" 2>/dev/null) == "$stamp"
 fi
 [[ -x $VENV/bin/python ]] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade "pip==25.3"
-"$VENV/bin/python" -m pip install -q -r requirements.txt -c requirements.lock
+# Byte-compiled on every core afterwards, not by pip on one (the first import of torch then finds its .pyc files);
+# like pip's own step, files that do not compile are skipped quietly (torch ships a Python 3.12-only test helper).
+"$VENV/bin/python" -m pip install -q --no-compile -r requirements.txt -c requirements.lock
+"$VENV/bin/python" -m compileall -qq -j 0 "$VENV/lib/python3.11/site-packages" || true
 "$VENV/bin/python" -m pip install -q --no-deps -e .
 "$HPCDL_ROOT/scripts/build-horovod.sh" --python "$VENV/bin/python"
 echo "$stamp" > "$VENV/.hpcdl-setup"
