@@ -28,8 +28,8 @@
 #                     3.3 GB) that takes a little longer to write. Readable by squashfuse and by
 #                     kernels >= 3.19. "-comp zstd -Xcompression-level 3" for the smaller image; "-comp gzip"
 #                     for older kernels with a setuid Apptainer.)
-#   HPCDL_IMAGE_CACHE a folder of finished images keyed by sha256(inputs + build arguments); a hit is copied
-#                     instead of rebuilt (CI). Default: none.
+#   HPCDL_IMAGE_CACHE a folder of finished images keyed by sha256(inputs + build arguments + compression); a hit
+#                     is copied instead of rebuilt (CI). Default: none.
 # Non-root users build with --fakeroot (needs /etc/subuid and /etc/subgid entries); root builds without it.
 set -euo pipefail
 
